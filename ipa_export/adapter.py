@@ -1,0 +1,168 @@
+"""The BINDRAE adapter API of the usage document, as drop-in replacements.
+
+``create_edge_embedder`` and ``create_flashipa_module`` take the same arguments and
+defaults as BINDRAE's, return modules whose state dicts have BINDRAE's keys (so Stage-1
+checkpoints load with ``strict=True``), and give the same outputs (fp32 reference math).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from . import layout
+from .attention import resolve_backend
+from .config import EncoderConfig
+from .edge_embedder import EdgeEmbedder
+from .frames import Frames
+from .stack import FlashIPAStack
+from .validation import Shapes, check_not_empty, check_values
+
+
+@dataclass
+class ProjectEdgeConfig:
+    """BINDRAE's edge-embedder config. ``num_rbf``, ``relpos_k``, ``use_rbf`` and
+    ``self_condition`` are accepted for compatibility and have no effect (flash_ipa ignores
+    them: the distogram always has 22 bins over k = 10 neighbours)."""
+
+    c_s: int = 384
+    c_p: int = 128
+    z_factor_rank: int = 2
+    num_rbf: int = 16
+    mode: str = "flash_1d_bias"
+    feat_dim: int = 64
+    relpos_k: int = 64
+    use_rbf: bool = True
+    self_condition: bool = True
+
+    def to_encoder_config(self) -> EncoderConfig:
+        return EncoderConfig(c_s=self.c_s, c_p=self.c_p, z_factor_rank=self.z_factor_rank, mode=self.mode, feat_dim=self.feat_dim)
+
+
+@dataclass
+class FlashIPAModuleConfig:
+    """BINDRAE's FlashIPA module config, plus ``frame_update_clip`` (BINDRAE's behaviour,
+    ``"reference"``, by default), ``attention`` and ``attn_dtype``."""
+
+    c_s: int = 384
+    c_z: int = 128
+    c_hidden: int = 128
+    no_heads: int = 8
+    depth: int = 3
+    no_qk_points: int = 8
+    no_v_points: int = 12
+    z_factor_rank: int = 2
+    dropout: float = 0.1
+    max_rot_update_deg: float = 15.0
+    max_trans_update: float = 1.5
+    frame_update_clip: str = "reference"
+    attention: str = "auto"
+    attn_dtype: str = "fp32"
+
+    def to_encoder_config(self) -> EncoderConfig:
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "c_z"}
+        mode = "flash_1d_bias" if self.z_factor_rank else "flash_no_bias"
+        return EncoderConfig(c_p=self.c_z, mode=mode, **fields)
+
+
+class EdgeEmbedderAdapter(nn.Module):
+    """BINDRAE's ``EdgeEmbedderAdapter`` over the native :class:`EdgeEmbedder`."""
+
+    def __init__(self, config: ProjectEdgeConfig):
+        super().__init__()
+        self.config = config
+        self.edge_embedder = EdgeEmbedder(config.to_encoder_config())
+        self.register_state_dict_post_hook(_to_bindrae_keys)
+        self.register_load_state_dict_pre_hook(_from_bindrae_keys)
+
+    def forward(
+        self,
+        node_embed: torch.Tensor,
+        translations: torch.Tensor,
+        node_mask: torch.Tensor,
+        trans_sc: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """node_embed [B, N, c_s], translations [B, N, 3] (Angstrom), node_mask [B, N] bool,
+        trans_sc [B, N, 3] (default translations) -> ``{"z_f1", "z_f2"}`` [B, N, R, c_p] and
+        ``"edge_mask"`` [B, N, N] bool."""
+        shapes = Shapes(c_s=self.config.c_s)
+        shapes.check("node_embed", node_embed, ("B", "N", "c_s"))
+        shapes.check("translations", translations, ("B", "N", 3))
+        shapes.check("node_mask", node_mask, ("B", "N"), dtype="bool")
+        if trans_sc is not None:
+            shapes.check("trans_sc", trans_sc, ("B", "N", 3))
+        check_not_empty(node_mask)
+        check_values(node_mask, translations=translations, trans_sc=trans_sc)
+        z_f1, z_f2 = self.edge_embedder(node_embed, translations, node_mask, trans_sc)
+        return {"z_f1": z_f1, "z_f2": z_f2, "edge_mask": node_mask[:, :, None] & node_mask[:, None, :]}
+
+
+class FlashIPAModule(FlashIPAStack):
+    """BINDRAE's ``FlashIPAModule``: ``forward(s, frames, z_f1, z_f2, mask) -> (s_geo, frames)``
+    with frames a ``(rotations [B, N, 3, 3], translations [B, N, 3])`` pair in Angstrom."""
+
+    def __init__(self, config: FlashIPAModuleConfig):
+        self.config = config
+        super().__init__(config.to_encoder_config())
+
+    def forward(  # type: ignore[override]
+        self, s: torch.Tensor, frames: tuple[torch.Tensor, torch.Tensor], z_f1: torch.Tensor, z_f2: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, Frames]:
+        config = self.config
+        shapes = Shapes(c_s=config.c_s, R=config.z_factor_rank, c_z=config.c_z)
+        shapes.check("s", s, ("B", "N", "c_s"))
+        if not isinstance(frames, tuple) or len(frames) != 2:
+            raise TypeError(f"frames: expected a (rotations, translations) pair, got {type(frames).__name__}")
+        shapes.check("frames.rotations", frames[0], ("B", "N", 3, 3))
+        shapes.check("frames.translations", frames[1], ("B", "N", 3))
+        shapes.check("z_f1", z_f1, ("B", "N", "R", "c_z"))
+        shapes.check("z_f2", z_f2, ("B", "N", "R", "c_z"))
+        shapes.check("mask", mask, ("B", "N"), dtype="bool")
+        check_not_empty(mask)
+        check_values(mask, **{"frames.rotations": frames[0], "frames.translations": frames[1]})
+        backend = resolve_backend(config.attention, s.device, config.attn_dtype, torch.is_grad_enabled())
+        s_geo, rigid = super().forward(s, Frames(*frames), z_f1, z_f2, mask, backend)
+        return torch.where(mask[..., None], s_geo, 0.0), rigid
+
+
+def create_edge_embedder(
+    c_s: int = 384, c_p: int = 128, z_rank: int = 2, num_rbf: int = 16, mode: str = "flash_1d_bias", **kwargs: Any
+) -> EdgeEmbedderAdapter:
+    """BINDRAE's factory: ``create_edge_embedder(c_s=384, c_p=128, z_rank=2, num_rbf=16)``."""
+    config = ProjectEdgeConfig(c_s=c_s, c_p=c_p, z_factor_rank=z_rank, num_rbf=num_rbf, mode=mode, **kwargs)
+    return EdgeEmbedderAdapter(config)
+
+
+def create_flashipa_module(c_s: int = 384, c_z: int = 128, depth: int = 3, **kwargs: Any) -> FlashIPAModule:
+    """BINDRAE's factory: ``create_flashipa_module(c_s=384, c_z=128, depth=3)``."""
+    return FlashIPAModule(FlashIPAModuleConfig(c_s=c_s, c_z=c_z, depth=depth, **kwargs))
+
+
+def _to_bindrae_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = rename_local(key, prefix, reverse=True)
+        state_dict[new] = state_dict.pop(key)
+
+
+def _from_bindrae_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        state_dict[rename_local(key, prefix)] = state_dict.pop(key)
+
+
+def rename_local(key: str, prefix: str, *, reverse: bool = False) -> str:
+    """Rename one key below ``prefix`` with :data:`layout.ADAPTER_EDGE_RULES`; others unchanged."""
+    local = key[len(prefix) :]
+    return prefix + (layout.rename(local, layout.ADAPTER_EDGE_RULES, reverse=reverse) or local)
+
+
+def load_checkpoint_modules(
+    state_dict: Mapping[str, torch.Tensor], edge: EdgeEmbedderAdapter, module: FlashIPAModule
+) -> None:
+    """Load the ``edge_embedder.`` and ``ipa_module.`` parts of a BINDRAE Stage-1
+    ``model_state_dict`` into the two adapter modules (strict)."""
+    for target, prefix in ((edge, "edge_embedder."), (module, "ipa_module.")):
+        target.load_state_dict({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, strict=True)

@@ -1,0 +1,108 @@
+"""Softmax attention over augmented queries, keys and values, behind one switch.
+
+Every backend computes ``softmax(q k^T + mask) v`` with softmax scale 1, over the valid
+keys of each protein:
+
+- ``dense``: explicit [B, H, N, N] logits; exact, O(N^2) memory, for checking.
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; q, k and v are zero-padded
+  to one head size (a multiple of 8) so the fused kernels apply. On CUDA the value is split
+  into chunks of at most 256 channels, each attended with the same q and k: exact, since
+  the softmax weights do not depend on the value.
+- ``flash_attn``: flash-attn's kernel (CUDA, fp16/bf16, inference), registered as a custom
+  op. Keys are reordered valid-first and their counts passed as ``cache_seqlens``, so
+  nothing leaves the device and ``torch.compile`` sees one node.
+- ``auto``: ``flash_attn`` where it applies, else ``sdpa``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional CUDA extra
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:  # pragma: no cover - depends on the environment
+    flash_attn_with_kvcache = None
+
+FLASH_HEAD_DIM_LIMIT = 256
+ATTN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def flash_attn_available() -> bool:
+    return flash_attn_with_kvcache is not None
+
+
+def resolve_backend(backend: str, device: torch.device, attn_dtype: str, needs_grad: bool) -> str:
+    """The backend that ``backend`` means for this device, dtype and grad mode."""
+    flash_ok = flash_attn_available() and device.type == "cuda" and attn_dtype in ("fp16", "bf16") and not needs_grad
+    if backend == "auto":
+        return "flash_attn" if flash_ok else "sdpa"
+    if backend == "flash_attn" and not flash_ok:
+        raise RuntimeError(
+            "attention='flash_attn' needs flash-attn installed (pip install 'ipa-export[cuda]'), a CUDA device, "
+            f"attn_dtype 'fp16' or 'bf16' and no gradient; got device={device.type}, attn_dtype={attn_dtype!r}, "
+            f"flash-attn installed={flash_attn_available()}, grad={needs_grad}"
+        )
+    return backend
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, backend: str) -> torch.Tensor:
+    """q, k [B, H, N, E]; v [B, H, N, E_v]; key_mask [B, N] bool -> [B, H, N, E_v].
+
+    ``backend`` is a resolved name (see :func:`resolve_backend`). Computes in q's dtype.
+    """
+    if backend == "dense":
+        logits = (q @ k.transpose(-1, -2)).masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        return torch.softmax(logits.float(), dim=-1).to(v.dtype) @ v
+    limit = FLASH_HEAD_DIM_LIMIT if (backend == "flash_attn" or q.is_cuda) else None
+    width = v.shape[-1]
+    chunks = 1 if limit is None else math.ceil(width / limit)
+    chunk = _round8(math.ceil(width / chunks))
+    head = max(_round8(q.shape[-1]), chunk)
+    if limit is not None and head > limit:
+        raise ValueError(f"query/key head size {q.shape[-1]} exceeds the kernel limit {limit}")
+    q, k = _pad(q, head), _pad(k, head)
+    if backend == "flash_attn":
+        order = torch.argsort((~key_mask).to(torch.uint8), dim=-1, stable=True)[:, None, :, None]  # valid keys first
+        k = k.gather(2, order.expand(-1, k.shape[1], -1, k.shape[3]))
+        v = v.gather(2, order.expand(-1, v.shape[1], -1, v.shape[3]))
+        lengths = key_mask.sum(-1, dtype=torch.int32)
+
+        def run(value: torch.Tensor) -> torch.Tensor:
+            return _flash(q.transpose(1, 2), k.transpose(1, 2), value.transpose(1, 2), lengths).transpose(1, 2)
+
+    else:
+        mask = key_mask[:, None, None, :]
+
+        def run(value: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, value, attn_mask=mask, scale=1.0)
+
+    outputs = [run(_pad(vc, head))[..., : vc.shape[-1]] for vc in v.split(chunk, dim=-1)]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+
+def _round8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def _pad(x: torch.Tensor, size: int) -> torch.Tensor:
+    return F.pad(x, (0, size - x.shape[-1])) if x.shape[-1] != size else x
+
+
+if flash_attn_with_kvcache is not None:  # pragma: no cover - needs CUDA and flash-attn
+
+    @torch.library.custom_op("ipa_export::flash_attn_padded", mutates_args=())
+    def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """q, k, v [B, N, H, E] (contiguous), keys valid-first; lengths [B] int32 valid keys."""
+        return flash_attn_with_kvcache(q.contiguous(), k.contiguous(), v.contiguous(), cache_seqlens=lengths, softmax_scale=1.0)
+
+    @_flash.register_fake
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(q)
+
+else:
+
+    def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("flash-attn is not installed: pip install 'ipa-export[cuda]'")

@@ -1,0 +1,128 @@
+"""The encoder's configuration: one flat, JSON-serialisable dataclass with validation."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn", "dense")
+ATTN_DTYPES = ("fp32", "bf16", "fp16")
+EDGE_MODES = ("flash_1d_bias", "flash_no_bias")
+FRAME_UPDATE_CLIPS = ("reference", "clip")
+
+
+class ConfigCompatibilityError(ValueError):
+    """A config (or export) that this package cannot use. ``problems`` lists each one,
+    each naming its field."""
+
+    def __init__(self, problems: list[str], context: str = "config"):
+        self.problems = list(problems)
+        super().__init__(f"incompatible {context}:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Hyper-parameters of an :class:`~ipa_export.IPAEncoder` (EdgeEmbedder + FlashIPA stack).
+
+    Defaults are the BINDRAE Stage-1 configuration of the usage document.
+    """
+
+    # Edge embedder (FlashIPA EdgeEmbedder, 1d mode)
+    c_s: int = 384  #: width of the node (single) representation
+    c_p: int = 128  #: width of each edge factor; the IPA's c_z
+    z_factor_rank: int = 2  #: rank R of the factorised pair bias (0 with mode "flash_no_bias")
+    mode: Literal["flash_1d_bias", "flash_no_bias"] = "flash_1d_bias"
+    feat_dim: int = 64  #: width of the sin/cos index embeddings
+    knn_k: int = 10  #: neighbours per residue in the distogram features
+    num_bins: int = 22  #: distogram bins between 1e-3 and 20 Angstrom
+    # FlashIPA stack
+    c_hidden: int = 128  #: per-head scalar width; hidden width of the frame-update head
+    no_heads: int = 8
+    no_qk_points: int = 8
+    no_v_points: int = 12
+    depth: int = 3  #: number of IPA blocks
+    dropout: float = 0.1  #: training only
+    max_rot_update_deg: float = 15.0
+    max_trans_update: float = 1.5  #: Angstrom
+    frame_update_clip: Literal["reference", "clip"] = "reference"
+    # Inference
+    attention: Literal["auto", "sdpa", "flash_attn", "dense"] = "auto"
+    attn_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Optional residue-type embedding table (0 = none), for embedding bare structures
+    num_residue_types: int = 0
+
+    def __post_init__(self) -> None:
+        problems = _type_problems(dataclasses.asdict(self)) or self._range_problems()
+        if problems:
+            raise ConfigCompatibilityError(problems)
+
+    def _range_problems(self) -> list[str]:
+        p: list[str] = []
+        for name in ("c_s", "c_p", "feat_dim", "knn_k", "c_hidden", "no_heads", "no_qk_points", "no_v_points", "depth"):
+            if getattr(self, name) <= 0:
+                p.append(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.num_bins < 2:
+            p.append(f"num_bins: must be >= 2, got {self.num_bins}")
+        if self.c_p % 4:
+            p.append(f"c_p: must be divisible by 4 (the IPA projects it to c_p // 4), got {self.c_p}")
+        if self.feat_dim % 2:
+            p.append(f"feat_dim: must be even (sin and cos halves), got {self.feat_dim}")
+        if self.z_factor_rank < 0:
+            p.append(f"z_factor_rank: must be >= 0, got {self.z_factor_rank}")
+        elif (self.mode == "flash_no_bias") != (self.z_factor_rank == 0):
+            p.append(
+                f"z_factor_rank: mode {self.mode!r} needs "
+                + ("z_factor_rank 0" if self.mode == "flash_no_bias" else "z_factor_rank >= 1")
+                + f", got {self.z_factor_rank}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            p.append(f"dropout: must be in [0, 1), got {self.dropout}")
+        for name in ("max_rot_update_deg", "max_trans_update"):
+            if getattr(self, name) <= 0:
+                p.append(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.num_residue_types < 0:
+            p.append(f"num_residue_types: must be >= 0, got {self.num_residue_types}")
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, require_all: bool = True) -> EncoderConfig:
+        """Build from a mapping, reporting unknown, missing and mistyped fields together."""
+        problems = [f"{k}: unknown field" for k in data if k not in _FIELDS]
+        if require_all:
+            problems += [f"{k}: missing field" for k in _FIELDS if k not in data]
+        problems += _type_problems({k: v for k, v in data.items() if k in _FIELDS})
+        if problems:
+            raise ConfigCompatibilityError(problems)
+        return cls(**{k: v for k, v in data.items() if k in _FIELDS})
+
+    def replace(self, **changes: Any) -> EncoderConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(EncoderConfig)}
+_CHOICES = {
+    "mode": EDGE_MODES,
+    "frame_update_clip": FRAME_UPDATE_CLIPS,
+    "attention": ATTENTION_BACKENDS,
+    "attn_dtype": ATTN_DTYPES,
+}
+
+
+def _type_problems(values: Mapping[str, Any]) -> list[str]:
+    problems = []
+    for name, value in values.items():
+        default = _FIELDS[name].default
+        if name in _CHOICES:
+            if value not in _CHOICES[name]:
+                problems.append(f"{name}: must be one of {list(_CHOICES[name])}, got {value!r}")
+        elif isinstance(default, bool) or isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                problems.append(f"{name}: must be an integer, got {type(value).__name__} {value!r}")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append(f"{name}: must be a number, got {type(value).__name__} {value!r}")
+    return problems

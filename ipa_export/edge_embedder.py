@@ -1,0 +1,102 @@
+"""FlashIPA EdgeEmbedder, ``flash_1d_bias`` mode: factorised edge embeddings.
+
+For residue i the embedder builds, per factor n ∈ {1, 2} and rank r, the features
+[s_p (feat_dim), index embedding (2 feat_dim), t-distogram (num_bins), sc-distogram (num_bins)]
+and maps them through Linear-ReLU-Linear-ReLU-Linear-LayerNorm to c_p. The pair bias
+is then ``z_ij = sum_r z_f1[i, r] * z_f2[j, r]``, never materialised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import EncoderConfig
+from .knn import knn
+
+MAX_INDEX = 2056  # max_len of the sinusoidal index embedding
+DISTOGRAM_MIN, DISTOGRAM_MAX = 1e-3, 20.0  # Angstrom
+
+
+def index_embedding(indices: torch.Tensor, dim: int, max_len: int = MAX_INDEX) -> torch.Tensor:
+    """Sinusoidal embedding of integer positions: [...] -> [..., dim], sin half first."""
+    k = torch.arange(dim // 2, device=indices.device)
+    angles = indices[..., None] * math.pi / (max_len ** (2 * k / dim))
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def distogram(distances: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """One-hot distance bins: [...] -> [..., num_bins]. Bin b holds lower_b < d < upper_b
+    with ``lower = linspace(1e-3, 20, num_bins)`` and the last bin open up to 1e8 Angstrom;
+    ``inf`` (no neighbour) sets no bin."""
+    lower = torch.linspace(DISTOGRAM_MIN, DISTOGRAM_MAX, num_bins, device=distances.device)
+    upper = torch.cat([lower[1:], lower.new_tensor([1e8])])
+    d = distances[..., None]
+    return ((d > lower) & (d < upper)).float()
+
+
+class EdgeEmbedder(nn.Module):
+    """Node embeddings and C-alpha coordinates to edge factors ``z_f1, z_f2`` [B, N, R, c_p].
+
+    Neighbours are searched among the valid residues of the same protein only, so a
+    protein's factors do not depend on the rest of the batch. A protein with fewer than
+    ``knn_k + 1`` residues leaves the missing neighbour slots empty (all-zero distogram
+    and index features). Padded positions of the output are exactly zero.
+    """
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.rank, self.k, self.num_bins, self.feat_dim = config.z_factor_rank, config.knn_k, config.num_bins, config.feat_dim
+        f, r, bins = config.feat_dim, config.z_factor_rank, config.num_bins
+        if r == 0:  # flash_no_bias: no edge parameters at all
+            self.c_p = config.c_p
+            return
+        self.linear_s_p = nn.Linear(config.c_s, 2 * r * f)
+        self.linear_relpos = nn.Linear(f, 2 * r * 2 * f)
+        self.linear_t_distogram = nn.Linear(self.k * (bins + f), 2 * r * bins)
+        self.linear_sc_distogram = nn.Linear(self.k * (bins + f), 2 * r * bins)
+        self.mlp = nn.Sequential(
+            nn.Linear(3 * f + 2 * bins, config.c_p),
+            nn.ReLU(),
+            nn.Linear(config.c_p, config.c_p),
+            nn.ReLU(),
+            nn.Linear(config.c_p, config.c_p),
+            nn.LayerNorm(config.c_p),
+        )
+
+    def _neighbour_features(self, coords: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, N, k * (num_bins + feat_dim)]: per neighbour, nearest first, its distogram
+        and the embedding of its absolute index."""
+        distances, indices = knn(coords, mask, self.k)  # [B, N, k]
+        present = (indices >= 0)[..., None]
+        index_emb = index_embedding(indices.clamp(min=0), self.feat_dim) * present
+        return torch.cat([distogram(distances, self.num_bins), index_emb], dim=-1).flatten(-2)
+
+    def _factors(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, 2 * R * d] -> [B, N, 2, R, d] (n-major, then r, then d)."""
+        return x.unflatten(-1, (2, self.rank, -1))
+
+    def forward(
+        self, node_embed: torch.Tensor, translations: torch.Tensor, node_mask: torch.Tensor, trans_sc: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """node_embed [B, N, c_s], translations and trans_sc [B, N, 3] (Angstrom; trans_sc
+        defaults to translations), node_mask [B, N] bool -> z_f1, z_f2 [B, N, R, c_p]."""
+        batch, length, _ = node_embed.shape
+        if self.rank == 0:
+            empty = node_embed.new_zeros(batch, length, 0, self.c_p)
+            return empty, empty
+        trans_sc = translations if trans_sc is None else trans_sc
+        positions = torch.arange(length, device=node_embed.device).expand(batch, length)
+        features = torch.cat(
+            [
+                self._factors(self.linear_s_p(node_embed)),
+                self._factors(self.linear_relpos(index_embedding(positions, self.feat_dim))),
+                self._factors(self.linear_t_distogram(self._neighbour_features(translations, node_mask))),
+                self._factors(self.linear_sc_distogram(self._neighbour_features(trans_sc, node_mask))),
+            ],
+            dim=-1,
+        )  # [B, N, 2, R, 3 feat_dim + 2 num_bins]
+        z = torch.where(node_mask[:, :, None, None, None], self.mlp(features), 0.0)
+        return z[:, :, 0], z[:, :, 1]

@@ -1,0 +1,111 @@
+"""Invariant Point Attention with a factorised pair bias, in FlashIPA's augmented form.
+
+AlphaFold2 Suppl. Algorithm 22 with the pair bias of FlashIPA (Liu et al. 2025). The
+logit of head h between residues i and j is
+
+    q_i.k_j / sqrt(3 C)  -  w_h/2 sum_p |q^_ip - k^_jp|^2  +  sum_r b1[i,h,r] b2[j,h,r]
+
+with w_h = softplus(head_weights_h) sqrt(1 / (3 P_qk 9/2)), q^ and k^ the query and key
+points in global coordinates, b1 = linear_b(z_f1) and b2 = linear_b(z_f2). Expanding
+-|q^ - k^|^2/2 = q^.k^ - |k^|^2/2 - |q^|^2/2 and dropping |q^|^2 (constant along the softmax
+axis) folds the three terms into one dot product of augmented vectors:
+
+    q_aug = [q / sqrt(3 C),  w_h q^,  1,                 b1]     # [C + 3 P_qk + 1 + R]
+    k_aug = [k,              k^,      -w_h |k^|^2 / 2,   b2]
+    v_aug = [v,  v^ (3 P_v),  down_z(z_f2) (R c_z/4)]
+
+so attention needs no [N, N] tensor. Points are taken relative to each protein's centroid
+(identical logits in exact arithmetic) to keep |k^|^2 small and the expansion precise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import frames
+from .attention import ATTN_DTYPES, attend
+from .config import EncoderConfig
+
+POINT_NORM_EPS = 1e-8
+
+
+def masked_centroid(translations: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, N, 3], [B, N] bool -> [B, 1, 3] mean position of the valid residues."""
+    weights = mask[..., None].to(translations.dtype)
+    return (translations * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+
+
+class InvariantPointAttention(nn.Module):
+    """Parameter names and layouts follow flash_ipa's ``InvariantPointAttention``."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        c_s, c_z, hidden, heads = config.c_s, config.c_p, config.c_hidden, config.no_heads
+        self.c_hidden, self.heads, self.rank = hidden, heads, config.z_factor_rank
+        self.qk_points, self.v_points = config.no_qk_points, config.no_v_points
+        self.attn_dtype = ATTN_DTYPES[config.attn_dtype]
+        self.linear_q = nn.Linear(c_s, heads * hidden)
+        self.linear_kv = nn.Linear(c_s, 2 * heads * hidden)
+        self.linear_q_points = nn.Linear(c_s, heads * self.qk_points * 3)
+        self.linear_kv_points = nn.Linear(c_s, heads * (self.qk_points + self.v_points) * 3)
+        self.linear_b = nn.Linear(c_z, heads)
+        self.down_z = nn.Linear(c_z, c_z // 4)
+        self.head_weights = nn.Parameter(torch.full((heads,), 0.541324854612918))  # softplus^-1(1)
+        self.linear_out = nn.Linear(heads * (hidden + 4 * self.v_points + c_z // 4), c_s)
+
+    def _points(self, linear: nn.Linear, s: torch.Tensor, rotations: torch.Tensor, translations: torch.Tensor) -> torch.Tensor:
+        """[B, N, c_s] -> [B, N, H, P, 3] points in global coordinates. The linear output
+        is read as x, y, z blocks of H * P, as in the reference."""
+        local = torch.stack(linear(s).chunk(3, dim=-1), dim=-1)  # [B, N, H*P, 3]
+        return frames.apply(rotations[:, :, None], translations[:, :, None], local).unflatten(2, (self.heads, -1))
+
+    def forward(
+        self,
+        s: torch.Tensor,
+        rotations: torch.Tensor,
+        translations: torch.Tensor,
+        z_f1: torch.Tensor,
+        z_f2: torch.Tensor,
+        mask: torch.Tensor,
+        backend: str,
+    ) -> torch.Tensor:
+        """s [B, N, c_s]; frames [B, N, 3, 3] and [B, N, 3]; z_f1, z_f2 [B, N, R, c_z];
+        mask [B, N] bool; backend a resolved attention backend. Returns the update [B, N, c_s]."""
+        batch, length, _ = s.shape
+        heads, hidden = self.heads, self.c_hidden
+        rotations, translations = rotations.float(), translations.float()
+        translations = translations - masked_centroid(translations, mask)
+
+        q = self.linear_q(s).unflatten(-1, (heads, hidden))  # [B, N, H, C]
+        k, v = self.linear_kv(s).unflatten(-1, (heads, 2 * hidden)).split(hidden, dim=-1)
+        q_pts = self._points(self.linear_q_points, s, rotations, translations)  # [B, N, H, P_qk, 3]
+        k_pts, v_pts = self._points(self.linear_kv_points, s, rotations, translations).split(
+            [self.qk_points, self.v_points], dim=-2
+        )
+        b1 = self.linear_b(z_f1).transpose(-1, -2)  # [B, N, H, R]
+        b2 = self.linear_b(z_f2).transpose(-1, -2)
+        pair_1, pair_2 = self.down_z(z_f1), self.down_z(z_f2)  # [B, N, R, c_z/4]
+
+        weight = F.softplus(self.head_weights) * math.sqrt(1.0 / (3 * self.qk_points * 9.0 / 2))  # [H]
+        weight = weight[:, None]
+        ones = q.new_ones(batch, length, heads, 1)
+        q_aug = torch.cat([q / math.sqrt(3 * hidden), weight * q_pts.flatten(-2), ones, b1], dim=-1)
+        k_aug = torch.cat([k, k_pts.flatten(-2), -0.5 * weight * k_pts.square().sum((-1, -2))[..., None], b2], dim=-1)
+        v_aug = torch.cat([v, v_pts.flatten(-2), pair_2.flatten(-2)[:, :, None].expand(-1, -1, heads, -1)], dim=-1)
+
+        dtype = self.attn_dtype
+        out = attend(*(x.transpose(1, 2).to(dtype) for x in (q_aug, k_aug, v_aug)), mask, backend)
+        out = out.transpose(1, 2).float()  # [B, N, H, E_v]
+
+        o, o_pts, o_pair = out.split([hidden, 3 * self.v_points, self.rank * pair_2.shape[-1]], dim=-1)
+        o_pts = frames.invert_apply(
+            rotations[:, :, None, None], translations[:, :, None, None], o_pts.unflatten(-1, (self.v_points, 3))
+        )  # [B, N, H, P_v, 3], local frame
+        o_pts_norm = torch.sqrt(o_pts.square().sum(-1) + POINT_NORM_EPS)  # [B, N, H, P_v]
+        o_pair = torch.einsum("bnrd,bnhrd->bnhd", pair_1, o_pair.unflatten(-1, (self.rank, pair_1.shape[-1])))
+        features = [o.flatten(2), *o_pts.flatten(2, 3).unbind(-1), o_pts_norm.flatten(2), o_pair.flatten(2)]
+        return self.linear_out(torch.cat(features, dim=-1).to(s.dtype))

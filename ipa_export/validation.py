@@ -1,0 +1,63 @@
+"""Input checks with errors that name the argument, the expected and the received value.
+
+Shape and dtype checks are static, so they also run under ``torch.compile``; value checks
+(NaN, inf, empty proteins) need the data and run in eager mode only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Shapes:
+    """Binds named dimensions (B, N, ...) across arguments so that they must agree."""
+
+    def __init__(self, **known: int):
+        self.sizes: dict[str, int] = dict(known)
+
+    def check(self, name: str, x: object, dims: tuple[str | int, ...], *, dtype: str | torch.dtype = "float") -> torch.Tensor:
+        """Check that ``x`` is a tensor of shape ``dims`` (names or literal sizes) and of dtype
+        ``dtype`` (a torch.dtype, or the kind ``"float"`` or ``"bool"``); bind new names."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if isinstance(dtype, torch.dtype) and x.dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype} (the encoder's parameter dtype), got {x.dtype}")
+        if dtype == "float" and not x.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+        if dtype == "bool" and x.dtype != torch.bool:
+            raise TypeError(f"{name}: expected a torch.bool tensor, got {x.dtype} (use mask.bool())")
+        expected = [d if isinstance(d, int) else f"{d}={self.sizes[d]}" if d in self.sizes else d for d in dims]
+        shape_text = f"expected shape [{', '.join(map(str, expected))}], got {list(x.shape)}"
+        if x.dim() != len(dims):
+            raise ValueError(f"{name}: {shape_text}")
+        for dim, size in zip(dims, x.shape):
+            want = dim if isinstance(dim, int) else self.sizes.get(dim)
+            if want is not None and size != want:
+                raise ValueError(f"{name}: {shape_text}")
+        for dim, size in zip(dims, x.shape):
+            if isinstance(dim, str):
+                self.sizes.setdefault(dim, size)
+        return x
+
+
+def check_not_empty(node_mask: torch.Tensor) -> None:
+    """Every batch element must have at least one residue."""
+    batch, length = node_mask.shape
+    if batch == 0 or length == 0:
+        raise ValueError(f"node_mask: empty batch, got shape {list(node_mask.shape)}")
+
+
+def check_values(node_mask: torch.Tensor, **coordinates: torch.Tensor | None) -> None:
+    """Eager-only checks: each protein has a valid residue; coordinates are finite at valid residues."""
+    if torch.compiler.is_compiling():
+        return
+    empty = (~node_mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"node_mask: protein(s) {empty} have no valid residue")
+    for name, x in coordinates.items():
+        if x is None:
+            continue
+        bad = ~torch.isfinite(x).flatten(2).all(-1) & node_mask  # [B, N]
+        if bad.any():
+            where = bad.nonzero()[0].tolist()
+            raise ValueError(f"{name}: expected finite values at valid residues, found NaN or inf at (batch, residue) {tuple(where)}")
