@@ -26,14 +26,12 @@ class Shapes:
             raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
         if dtype == "bool" and x.dtype != torch.bool:
             raise TypeError(f"{name}: expected a torch.bool tensor, got {x.dtype} (use mask.bool())")
-        expected = [d if isinstance(d, int) else f"{d}={self.sizes[d]}" if d in self.sizes else d for d in dims]
-        shape_text = f"expected shape [{', '.join(map(str, expected))}], got {list(x.shape)}"
-        if x.dim() != len(dims):
-            raise ValueError(f"{name}: {shape_text}")
-        for dim, size in zip(dims, x.shape):
-            want = dim if isinstance(dim, int) else self.sizes.get(dim)
-            if want is not None and size != want:
-                raise ValueError(f"{name}: {shape_text}")
+        mismatch = x.dim() != len(dims) or any(
+            size != (dim if isinstance(dim, int) else self.sizes.get(dim, size)) for dim, size in zip(dims, x.shape)
+        )
+        if mismatch:  # formatting sizes only here: under torch.compile it would specialise them
+            expected = [d if isinstance(d, int) else f"{d}={self.sizes[d]}" if d in self.sizes else d for d in dims]
+            raise ValueError(f"{name}: expected shape [{', '.join(map(str, expected))}], got {list(x.shape)}")
         for dim, size in zip(dims, x.shape):
             if isinstance(dim, str):
                 self.sizes.setdefault(dim, size)
