@@ -88,6 +88,7 @@ class EdgeEmbedder(nn.Module):
             empty = node_embed.new_zeros(batch, length, 0, self.c_p)
             return empty, empty
         trans_sc = translations if trans_sc is None else trans_sc
+        translations, trans_sc = (torch.where(node_mask[..., None], x.float(), 0.0) for x in (translations, trans_sc))
         positions = torch.arange(length, device=node_embed.device).expand(batch, length)
         features = torch.cat(
             [

@@ -17,8 +17,8 @@ from .validation import Shapes, check_not_empty, check_values
 
 
 class EncoderOutput(NamedTuple):
-    """Per-residue outputs; padded positions of ``s``, ``z_f1`` and ``z_f2`` are zero and
-    padded frames are returned as they were given."""
+    """Per-residue outputs. Padded positions hold zeros (``s``, ``z_f1``, ``z_f2``,
+    ``translations``) and identity ``rotations``, whatever the inputs held there."""
 
     s: torch.Tensor  #: [B, N, c_s] geometry-aware node embeddings
     rotations: torch.Tensor  #: [B, N, 3, 3] updated frame rotations

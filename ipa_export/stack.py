@@ -91,6 +91,19 @@ class IPABlock(nn.Module):
         return s, rigid
 
 
+def ignore_padding(
+    mask: torch.Tensor, s: torch.Tensor, rigid: Frames, z_f1: torch.Tensor, z_f2: torch.Tensor
+) -> tuple[torch.Tensor, Frames, torch.Tensor, torch.Tensor]:
+    """Zero features and identity fp32 frames at padded positions, whatever they held (even NaN)."""
+    valid = mask[..., None]
+    eye = torch.eye(3, device=s.device)
+    rigid = Frames(
+        torch.where(valid[..., None], rigid[0].float(), eye), torch.where(valid, rigid[1].float(), 0.0)
+    )
+    z_f1, z_f2 = (torch.where(valid[..., None], z, 0.0) for z in (z_f1, z_f2))
+    return torch.where(valid, s, 0.0), rigid, z_f1, z_f2
+
+
 class FlashIPAStack(nn.Module):
     """``depth`` IPA blocks sharing the same edge factors, then a final LayerNorm."""
 
@@ -103,8 +116,11 @@ class FlashIPAStack(nn.Module):
         self, s: torch.Tensor, rigid: Frames, z_f1: torch.Tensor, z_f2: torch.Tensor, mask: torch.Tensor, backend: str
     ) -> tuple[torch.Tensor, Frames]:
         """s [B, N, c_s]; rigid (rotations [B, N, 3, 3], translations [B, N, 3]);
-        z_f1, z_f2 [B, N, R, c_z]; mask [B, N] bool -> (s [B, N, c_s], frames)."""
-        rigid = Frames(rigid[0].float(), rigid[1].float())
+        z_f1, z_f2 [B, N, R, c_z]; mask [B, N] bool -> (s [B, N, c_s], frames).
+
+        Inputs at padded positions are ignored (replaced by zeros and identity frames), so
+        padded output frames are the identity rotation and zero translation."""
+        s, rigid, z_f1, z_f2 = ignore_padding(mask, s, rigid, z_f1, z_f2)
         for block in self.ipa_blocks:
             s, rigid = block(s, rigid, z_f1, z_f2, mask, backend)
         return self.final_norm(s), rigid

@@ -71,9 +71,10 @@ def tiny_config(**changes) -> EncoderConfig:
 
 
 def random_chain(length: int, generator: torch.Generator, step: float = 3.8) -> torch.Tensor:
-    """[length, 3] C-alpha-like random walk (Angstrom), centred near the origin."""
+    """[length, 3] C-alpha-like random walk (steps of step ± 10% Angstrom), centred at the origin."""
     steps = torch.randn(length, 3, generator=generator)
-    steps = step * steps / steps.norm(dim=-1, keepdim=True)
+    lengths = step * (0.9 + 0.2 * torch.rand(length, 1, generator=generator))
+    steps = lengths * steps / steps.norm(dim=-1, keepdim=True)
     chain = steps.cumsum(0)
     return chain - chain.mean(0)
 

@@ -56,10 +56,10 @@ def test_encoder_matches_reference(golden, attention):
     expected = golden.outputs
     for field, key in (("z_f1", "z_f1"), ("z_f2", "z_f2"), ("s", "s_geo"), ("rotations", "rot_mats"), ("translations", "trans")):
         assert_close_at(getattr(out, field), expected[key], mask, name=field)
-    # Padded positions: s and factors exactly zero, frames passed through unchanged.
+    # Padded positions: zeros and identity rotations.
     pad = ~mask
-    assert not out.s[pad].any() and not out.z_f1[pad].any() and not out.z_f2[pad].any()
-    assert torch.equal(out.rotations[pad], x["rotations"][pad]) and torch.equal(out.translations[pad], x["translations"][pad])
+    assert not out.s[pad].any() and not out.z_f1[pad].any() and not out.z_f2[pad].any() and not out.translations[pad].any()
+    assert torch.equal(out.rotations[pad], torch.eye(3).expand_as(out.rotations[pad]))
 
 
 def test_layout_map_is_a_bijection_on_encoder_keys():
