@@ -62,24 +62,10 @@ class ExportMixin:
         license: str = "apache-2.0",
     ) -> Path:
         """Write the export to ``directory`` atomically: into a temporary sibling first, then
-        renamed into place. An existing directory is replaced only with ``overwrite=True``."""
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}  # type: ignore[attr-defined]
-        dtypes = {str(v.dtype).removeprefix("torch.") for v in state.values()}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
-            raise ValueError(f"weights: expected one dtype among {list(DTYPES)}, got {sorted(dtypes)}")
-        dtype = dtypes.pop()
-        config_json = {
-            "architecture": ARCHITECTURE,
-            "format_version": FORMAT_VERSION,
-            "ipa_export_version": __version__,
-            "dtype": dtype,
-            "config": self.config.to_dict(),
-        }
+        renamed into place. An existing directory is replaced only with ``overwrite=True``.
+        ``provenance`` (source, sha256, date, ...) goes into the model card."""
         with atomic_directory(directory, overwrite=overwrite) as tmp:
-            save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "architecture": ARCHITECTURE, "format_version": str(FORMAT_VERSION)})
-            (tmp / CONFIG_NAME).write_text(json.dumps(config_json, indent=2) + "\n")
-            card = render_model_card(config_json, num_parameters=sum(v.numel() for v in state.values()), provenance=provenance, license=license)
-            (tmp / CARD_NAME).write_text(card)
+            write_export(self, tmp, provenance=provenance, license=license)
         return Path(directory)
 
     @classmethod
@@ -96,6 +82,7 @@ class ExportMixin:
         expected: Mapping[str, Any] | None = None,
         attention: str | None = None,
         compile: bool = False,
+        compile_cache: bool | str | os.PathLike = True,
     ) -> T:
         """Load a frozen encoder (``eval()``, no gradients) from a local export directory or a
         Hub repository id (resolved with huggingface_hub, offline from its cache when
@@ -103,7 +90,10 @@ class ExportMixin:
 
         ``expected`` lists config values the caller was built for, e.g. ``{"c_s": 384}``;
         ``attention`` overrides the stored backend; ``compile=True`` returns
-        ``torch.compile(encoder, dynamic=True)``.
+        :func:`ipa_export.compiling.compile_encoder` (fullgraph, dynamic, one graph for all
+        batch sizes), after loading the compile cache ``compile_cache`` names (``True``: the
+        export's ``compile_cache/<torch version>-<device>.bin`` when present; a path: that
+        file; ``False``: none). A compile cache holds generated code: load only trusted ones.
         """
         directory = resolve_export(path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         header = read_header(directory, expected=expected)
@@ -118,13 +108,44 @@ class ExportMixin:
         if dtype is not None:
             model.to(dtype)  # type: ignore[attr-defined]
         model.eval().requires_grad_(False)  # type: ignore[attr-defined]
-        return torch.compile(model, dynamic=True) if compile else model  # type: ignore[return-value]
+        if not compile:
+            return model
+        from .compiling import compile_pretrained
+
+        return compile_pretrained(model, directory, device, compile_cache)  # type: ignore[arg-type, return-value]
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Save to a temporary directory and upload it; see :func:`push_export` for options."""
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(Path(tmp) / "export")
             return push_export(Path(tmp) / "export", repo_id, **kwargs)
+
+
+def write_export(
+    model: Any, directory: Path, *, provenance: Mapping[str, Any] | None = None, license: str = "apache-2.0"
+) -> dict[str, Any]:
+    """Write ``config.json``, ``model.safetensors`` and ``README.md`` into an existing
+    directory (no atomicity: see :func:`atomic_directory`). Returns the config.json dict."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    dtypes = {str(v.dtype).removeprefix("torch.") for v in state.values()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
+        raise ValueError(f"weights: expected one dtype among {list(DTYPES)}, got {sorted(dtypes)}")
+    config_json = {
+        "architecture": ARCHITECTURE,
+        "format_version": FORMAT_VERSION,
+        "ipa_export_version": __version__,
+        "dtype": dtypes.pop(),
+        "config": model.config.to_dict(),
+    }
+    metadata = {"format": "pt", "architecture": ARCHITECTURE, "format_version": str(FORMAT_VERSION)}
+    save_file(state, directory / WEIGHTS_NAME, metadata=metadata)
+    (directory / CONFIG_NAME).write_text(json.dumps(config_json, indent=2) + "\n")
+    write_model_card(directory, config_json, num_parameters=sum(v.numel() for v in state.values()), provenance=provenance, license=license)
+    return config_json
+
+
+def write_model_card(directory: Path, config_json: Mapping[str, Any], **card: Any) -> None:
+    (directory / CARD_NAME).write_text(render_model_card(config_json, **card))
 
 
 def resolve_export(
@@ -255,6 +276,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        make_shareable(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             target.rename(old / target.name)
@@ -265,6 +287,15 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def make_shareable(path: Path) -> None:
+    """mkdtemp/mkstemp create private (0700/0600) paths: give ``path`` (and what a directory
+    holds) the modes the umask gives new files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (path, *path.rglob("*")) if path.is_dir() else (path,):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def push_export(

@@ -1,0 +1,212 @@
+"""``ipa-export``: convert, inspect, validate, push and embed with frozen IPA encoders.
+
+Exit codes: 0 success, 1 a check failed (validate's self-check), 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .config import ConfigCompatibilityError
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+SELF_CHECK_LENGTH = 48
+SELF_CHECK_ATOL = 1e-3  # fp32, chain centred ~20 A from the origin
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except (ConfigCompatibilityError, ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, RuntimeError) as error:
+        print(f"ipa-export {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ipa-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("convert", help="convert a BINDRAE Stage-1 checkpoint into an export directory")
+    p.add_argument("checkpoint", type=Path, help="training checkpoint (.pt), read with weights_only=True")
+    p.add_argument("--out", type=Path, required=True, help="export directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export at --out")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config value that shapes cannot tell (e.g. frame_update_clip=clip, attention=sdpa); repeatable")
+    p.add_argument("--residue-embedding-seed", type=int, metavar="SEED",
+                   help="add a random (untrained) 21-type residue embedding table, for embedding bare structures")
+    p.add_argument("--note", help="free text for the model card's provenance")
+    p.add_argument("--license", default="apache-2.0", help="license in the model card (default: apache-2.0)")
+    p.set_defaults(run=run_convert)
+
+    p = commands.add_parser("inspect", help="show an export's config, parameter count, tensors and metadata without loading weights")
+    p.add_argument("export", help="export directory or Hub repo id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run_inspect)
+
+    p = commands.add_parser("validate", help="load an export, check expectations and run an SE(3)-invariance self-check")
+    p.add_argument("export", help="export directory or Hub repo id")
+    p.add_argument("--expect", action="append", default=[], metavar="KEY=VALUE", help="required config value; repeatable")
+    p.set_defaults(run=run_validate)
+
+    p = commands.add_parser("push", help="upload an export directory to the Hugging Face Hub")
+    p.add_argument("export", type=Path, help="export directory")
+    p.add_argument("repo_id", help="target repository, e.g. org/bindrae-ipa")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--revision", help="branch to push to")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--commit-message", default="Upload IPAEncoder export")
+    p.add_argument("--dry-run", action="store_true", help="list files, sizes and target; no network call")
+    p.set_defaults(run=run_push)
+
+    p = commands.add_parser("embed", help="embed protein structures (PDB/mmCIF) and write per-residue outputs to safetensors")
+    p.add_argument("export", help="export directory or Hub repo id")
+    p.add_argument("structures", nargs="+", type=Path, help="structure files (.pdb, .cif, optionally .gz)")
+    p.add_argument("--out", type=Path, required=True, help="directory for one <name>.safetensors per structure")
+    p.add_argument("--node-embed", type=Path, help="node embeddings [N, c_s] (.safetensors or .pt) for a single structure")
+    p.add_argument("--chain", help="chain to read (default: the first protein chain)")
+    p.set_defaults(run=run_embed)
+    return parser
+
+
+def parse_assignments(items: Sequence[str], option: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings to a dict; values are JSON when they parse (384, 1.5, true), else strings."""
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{option}: expected KEY=VALUE, got {item!r}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+    from .export import read_header
+
+    provenance = convert(
+        args.checkpoint, args.out, overrides=parse_assignments(args.overrides, "--set"),
+        residue_embedding_seed=args.residue_embedding_seed, overwrite=args.overwrite, note=args.note, license=args.license,
+    )
+    header = read_header(args.out)
+    print(f"converted {args.checkpoint} -> {args.out}")
+    print(f"  config: {_short_config(header.config.to_dict())}")
+    print(f"  parity: {provenance['parity']}")
+    return EXIT_OK
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .export import read_header, resolve_export
+
+    header = read_header(resolve_export(args.export))
+    parameters = sum(_numel(shape) for shape, _ in header.tensors.values())
+    if args.json:
+        print(json.dumps({
+            "directory": str(header.directory), "format_version": header.format_version, "ipa_export_version": header.writer_version,
+            "dtype": header.dtype, "parameters": parameters, "config": header.config.to_dict(), "metadata": header.metadata,
+            "tensors": {k: {"shape": s, "dtype": d} for k, (s, d) in sorted(header.tensors.items())},
+        }, indent=2))
+        return EXIT_OK
+    print(f"export {header.directory}")
+    print(f"  format_version {header.format_version}, written by ipa_export {header.writer_version}, dtype {header.dtype}")
+    print(f"  parameters: {parameters:,} in {len(header.tensors)} tensors")
+    print("config:")
+    for key, value in header.config.to_dict().items():
+        print(f"  {key} = {value!r}")
+    print("metadata:", ", ".join(f"{k}={v}" for k, v in sorted(header.metadata.items())))
+    print("tensors:")
+    width = max(map(len, header.tensors))
+    for key, (shape, dtype) in sorted(header.tensors.items()):
+        print(f"  {key:<{width}}  {dtype:<4} {shape}")
+    return EXIT_OK
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from .encoder import IPAEncoder
+
+    encoder = IPAEncoder.from_pretrained(args.export, expected=parse_assignments(args.expect, "--expect"))
+    print(f"loaded {args.export}: {_short_config(encoder.config.to_dict())}")
+    error = se3_self_check(encoder)
+    ok = error <= SELF_CHECK_ATOL
+    print(f"SE(3)-invariance self-check: max deviation {error:.2e} (tolerance {SELF_CHECK_ATOL:g}): {'ok' if ok else 'FAILED'}")
+    return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+
+def se3_self_check(encoder: torch.nn.Module, seed: int = 0) -> float:
+    """Largest deviation from SE(3) invariance (s, z_f1, z_f2) and equivariance (frames) on a
+    random chain under a random global rotation and translation."""
+    g = torch.Generator().manual_seed(seed)
+    config = encoder.config
+    # Steps of 3.8 A +- 10% (equal steps would tie neighbour distances, and ties may reorder).
+    steps = torch.nn.functional.normalize(torch.randn(SELF_CHECK_LENGTH, 3, generator=g), dim=-1)
+    steps = steps * (3.42 + 0.76 * torch.rand(SELF_CHECK_LENGTH, 1, generator=g))
+    coords = steps.cumsum(0)[None]
+    node_embed = torch.randn(1, SELF_CHECK_LENGTH, config.c_s, generator=g)
+    mask = torch.ones(1, SELF_CHECK_LENGTH, dtype=torch.bool)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    q = (q * torch.linalg.det(q)).float()  # a proper rotation
+    shift = 20 * torch.randn(3, generator=g)
+    with torch.no_grad():
+        out = encoder(node_embed, coords, mask)
+        moved = encoder(node_embed, coords @ q.T + shift, mask, rotations=q.expand(1, SELF_CHECK_LENGTH, 3, 3))
+    deviations = [
+        moved.s - out.s, moved.z_f1 - out.z_f1, moved.z_f2 - out.z_f2,
+        moved.rotations - q @ out.rotations, moved.translations - (out.translations @ q.T + shift),
+    ]
+    return max(d.abs().max().item() for d in deviations)
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from .export import EXPORT_FILES, push_export, read_header
+
+    read_header(args.export)
+    if args.dry_run:
+        print(f"dry run: would upload to Hub repo {args.repo_id} (revision {args.revision or 'main'}, "
+              f"private={args.private}, create_pr={args.create_pr}, message {args.commit_message!r}):")
+        for name in EXPORT_FILES:
+            path = args.export / name
+            if path.is_file():
+                print(f"  {name}  {path.stat().st_size:,} bytes")
+        return EXIT_OK
+    url = push_export(args.export, args.repo_id, private=args.private or None, revision=args.revision,
+                      create_pr=args.create_pr, commit_message=args.commit_message)
+    print(f"pushed {args.export} -> {url}")
+    return EXIT_OK
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from .embed import embed_structures
+
+    results = embed_structures(args.export, args.structures, args.out, node_embed_path=args.node_embed, chain=args.chain)
+    for result in results:
+        print(f"{result.name}: {result.length} residues, |s| mean {result.mean_norm:.3f} -> {result.path}")
+    print(f"embedded {len(results)} structure(s) with {args.export} into {args.out}")
+    return EXIT_OK
+
+
+def _short_config(config: dict[str, Any]) -> str:
+    keys = ("c_s", "c_p", "z_factor_rank", "depth", "no_heads", "c_hidden", "frame_update_clip", "num_residue_types")
+    return ", ".join(f"{k}={config[k]}" for k in keys)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
