@@ -1,0 +1,155 @@
+"""The ipa-export command line, end to end on the shipped export and real structures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CHECKPOINT, STRUCTURES
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ipa_export import IPAEncoder
+from ipa_export.cli import main
+from ipa_export.structure import read_backbone
+
+SHIPPED = Path(__file__).parents[1] / "checkpoints" / "bindrae-ipa-tiny"
+STRUCTURE = STRUCTURES / "1ahsA.pdb.gz"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "export"
+    assert main(["convert", str(CHECKPOINT), "--out", str(out)]) == 0
+    return out
+
+
+def test_convert_then_validate(converted, capsys):
+    code, out, _ = run(capsys, "validate", converted, "--expect", "c_s=64", "--expect", "z_factor_rank=2")
+    assert code == 0 and "SE(3)-invariance self-check: max deviation" in out and out.rstrip().endswith("ok")
+
+
+def test_convert_refuses_to_overwrite(converted, capsys):
+    code, _, err = run(capsys, "convert", CHECKPOINT, "--out", converted)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+
+
+def test_validate_fails_on_unmet_expectation(converted, capsys):
+    code, _, err = run(capsys, "validate", converted, "--expect", "c_s=384")
+    assert code == 2 and "c_s: the caller expects 384, the export has 64" in err
+
+
+def test_validate_fails_when_the_self_check_fails(converted, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("ipa_export.cli.se3_self_check", lambda encoder: 0.5)
+    code, out, _ = run(capsys, "validate", converted)
+    assert code == 1 and out.rstrip().endswith("FAILED")
+
+
+def test_inspect_reads_the_header_only(capsys):
+    code, out, _ = run(capsys, "inspect", SHIPPED, "--json")
+    info = json.loads(out)
+    model = IPAEncoder.from_pretrained(SHIPPED)
+    assert code == 0 and info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["tensors"]["residue_embedding.weight"] == {"shape": [21, 64], "dtype": "F32"}
+    assert info["config"] == model.config.to_dict() and info["metadata"]["format"] == "pt"
+    code, out, _ = run(capsys, "inspect", SHIPPED)
+    assert code == 0 and "parameters: 353,964 in 73 tensors" in out and "ipa_stack.final_norm.weight" in out
+
+
+def test_embed_real_structures_with_the_shipped_export(tmp_path, capsys):
+    structures = [STRUCTURE, STRUCTURES / "4ake_adk_open.pdb.gz"]
+    code, out, _ = run(capsys, "embed", SHIPPED, *structures, "--out", tmp_path)
+    assert code == 0 and "embedded 2 structure(s)" in out
+    together = load_file(tmp_path / "4ake_adk_open.safetensors")
+    backbone = read_backbone(STRUCTURES / "4ake_adk_open.pdb.gz")
+    length = len(backbone.sequence)
+    assert together["s"].shape == (length, 64) and together["rotations"].shape == (length, 3, 3)
+    assert together["z_f1"].shape == (length, 2, 32) and torch.equal(together["aatype"], backbone.aatype)
+    rotations = together["rotations"]
+    torch.testing.assert_close(rotations @ rotations.transpose(-1, -2), torch.eye(3).expand(length, 3, 3), atol=1e-5, rtol=0)
+    with safe_open(tmp_path / "4ake_adk_open.safetensors", "pt") as f:
+        metadata = f.metadata()
+    assert metadata["sequence"] == backbone.sequence and json.loads(metadata["residue_ids"])[0] == backbone.residue_ids[0]
+    # Embedding in a batch with another protein gives what embedding alone gives.
+    alone_dir = tmp_path / "alone"
+    assert main(["embed", str(SHIPPED), str(structures[1]), "--out", str(alone_dir)]) == 0
+    alone = load_file(alone_dir / "4ake_adk_open.safetensors")
+    for key in ("s", "rotations", "translations", "z_f1", "z_f2"):
+        torch.testing.assert_close(together[key], alone[key], atol=1e-4, rtol=1e-4)
+
+
+def test_embed_with_node_embeddings_file(converted, tmp_path, capsys):
+    length = len(read_backbone(STRUCTURE).sequence)
+    save_file({"node_embed": torch.randn(length, 64)}, tmp_path / "esm.safetensors")
+    code, _, _ = run(capsys, "embed", converted, STRUCTURE, "--out", tmp_path / "out", "--node-embed", tmp_path / "esm.safetensors")
+    assert code == 0 and load_file(tmp_path / "out" / "1ahsA.safetensors")["s"].shape == (length, 64)
+    save_file({"node_embed": torch.randn(length + 1, 64)}, tmp_path / "bad.safetensors")
+    code, _, err = run(capsys, "embed", converted, STRUCTURE, "--out", tmp_path / "out2", "--node-embed", tmp_path / "bad.safetensors")
+    assert code == 2 and f"--node-embed: expected a float tensor of shape [N={length}, c_s=64], got torch.float32 [{length + 1}, 64]" in err
+    assert not (tmp_path / "out2" / "1ahsA.safetensors").exists()
+
+
+def test_embed_without_node_embeddings_needs_a_residue_table(converted, tmp_path, capsys):
+    code, _, err = run(capsys, "embed", converted, STRUCTURE, "--out", tmp_path)
+    assert code == 2 and "--node-embed: required, because this export has no residue-type embedding table" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_embed_missing_structure(tmp_path, capsys):
+    code, _, err = run(capsys, "embed", SHIPPED, tmp_path / "missing.pdb", "--out", tmp_path / "out")
+    assert code == 2 and "missing.pdb" in err
+
+
+def test_push_dry_run_makes_no_network_call(capsys, monkeypatch):
+    from huggingface_hub import HfApi
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network call in a dry run")
+
+    monkeypatch.setattr(HfApi, "create_repo", no_network)
+    monkeypatch.setattr(HfApi, "upload_folder", no_network)
+    code, out, _ = run(capsys, "push", SHIPPED, "org/bindrae-ipa", "--dry-run", "--private", "--revision", "dev")
+    size = (SHIPPED / "model.safetensors").stat().st_size
+    assert code == 0 and "org/bindrae-ipa (revision dev, private=True" in out and f"model.safetensors  {size:,} bytes" in out
+
+
+def test_push_uploads_the_export_folder(capsys, monkeypatch):
+    """The one test that fakes the network: only HfApi's two remote calls are replaced."""
+    from huggingface_hub import HfApi
+
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("create_repo", (repo_id, kw)))
+
+    def upload_folder(self, **kwargs):
+        calls["upload_folder"] = {**kwargs, "files": sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())}
+        return type("CommitInfo", (), {"commit_url": "https://hub.example/org/bindrae-ipa/commit/1"})()
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    code, out, _ = run(capsys, "push", SHIPPED, "org/bindrae-ipa", "--create-pr", "--commit-message", "tiny export")
+    assert code == 0 and "commit/1" in out
+    assert calls["create_repo"] == ("org/bindrae-ipa", {"private": None, "exist_ok": True})
+    upload = calls["upload_folder"]
+    assert upload["repo_id"] == "org/bindrae-ipa" and upload["create_pr"] is True and upload["commit_message"] == "tiny export"
+    assert upload["files"] == ["README.md", "config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect", "validate", "push", "embed"])
+def test_help_for_each_command(command):
+    result = subprocess.run([sys.executable, "-m", "ipa_export.cli", command, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: ipa-export {command}")
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "ipa-export"  # installed next to this interpreter
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "convert" in result.stdout and "embed" in result.stdout

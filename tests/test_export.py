@@ -1,0 +1,310 @@
+"""Frozen export: round trip, conversion, validation on load, atomic writes, Hub cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CHECKPOINT, assert_close_at, load_golden, make_encoder, tiny_config
+from safetensors.torch import load_file, save_file
+
+import ipa_export.export as export_module
+from ipa_export import ConfigCompatibilityError, IPAEncoder
+from ipa_export.convert import convert, read_checkpoint
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    return make_encoder(tiny_config(), seed=5).save_pretrained(tmp_path / "export")
+
+
+def edit_config(directory: Path, **changes) -> None:
+    data = json.loads((directory / "config.json").read_text())
+    for key, value in changes.items():
+        target, _, field = key.rpartition(".")
+        (data[target] if target else data)[field] = value
+    (directory / "config.json").write_text(json.dumps(data))
+
+
+def load_problems(directory: Path, **kwargs) -> list[str]:
+    with pytest.raises(ConfigCompatibilityError) as info:
+        IPAEncoder.from_pretrained(directory, **kwargs)
+    return info.value.problems
+
+
+def test_round_trip_is_bit_exact_and_frozen(saved):
+    original = make_encoder(tiny_config(), seed=5)
+    loaded = IPAEncoder.from_pretrained(saved)
+    assert loaded.config == original.config
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), loaded.state_dict().values()))
+    x = (torch.randn(1, 30, 32), 8 * torch.randn(1, 30, 3), torch.ones(1, 30, dtype=torch.bool))
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(original(*x), loaded(*x)))
+
+
+def test_export_layout_and_metadata(saved):
+    assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((saved / "config.json").read_text())
+    assert config["architecture"] == "IPAEncoder" and config["format_version"] == 1 and config["dtype"] == "float32"
+    assert config["config"] == tiny_config().to_dict() and "ipa_export_version" in config
+    from safetensors import safe_open
+
+    with safe_open(saved / "model.safetensors", "pt") as f:
+        assert f.metadata()["format"] == "pt" and f.metadata()["architecture"] == "IPAEncoder"
+    card = (saved / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "library_name: ipa-export" in front and "license: apache-2.0" in front and "- protein" in front
+    assert "| `c_s` | `32` |" in card
+
+
+def test_load_options(saved):
+    loaded = IPAEncoder.from_pretrained(saved, dtype=torch.float64, attention="dense", expected={"c_s": 32, "z_factor_rank": 2})
+    assert loaded.config.attention == "dense" and next(loaded.parameters()).dtype == torch.float64
+
+
+def test_conversion_reproduces_golden_outputs(tmp_path):
+    provenance = convert(CHECKPOINT, tmp_path / "converted")
+    encoder = IPAEncoder.from_pretrained(tmp_path / "converted")
+    assert encoder.config.frame_update_clip == "reference"
+    for name in ("tiny_r2_unpadded", "tiny_r2_padded"):
+        case = load_golden(name)
+        x, mask = case.inputs, case.mask
+        with torch.no_grad():
+            out = encoder(x["node_embed"], x["translations"], mask, rotations=x["rotations"])
+        for field, key in (("s", "s_geo"), ("z_f1", "z_f1"), ("z_f2", "z_f2"), ("rotations", "rot_mats"), ("translations", "trans")):
+            assert_close_at(getattr(out, field), case.outputs[key], mask, name=field)
+    card = (tmp_path / "converted" / "README.md").read_text()
+    assert read_checkpoint(CHECKPOINT).sha256 in card and provenance["parity"] in card
+    assert provenance["parity"].startswith("max |export - source| = 0 ")
+
+
+def test_conversion_rejects_config_that_disagrees_with_shapes(tmp_path):
+    with pytest.raises(ConfigCompatibilityError, match=r"c_s: override says 128, the tensor shapes say 64"):
+        convert(CHECKPOINT, tmp_path / "out", overrides={"c_s": 128})
+    assert not (tmp_path / "out").exists()
+
+
+def test_conversion_of_bare_state_dict_and_overrides(tmp_path):
+    state = torch.load(CHECKPOINT, weights_only=True)["model_state_dict"]
+    bare = {k: v for k, v in state.items() if k.startswith(("edge_embedder.", "ipa_module."))}
+    torch.save(bare, tmp_path / "bare.pt")
+    convert(tmp_path / "bare.pt", tmp_path / "out", overrides={"frame_update_clip": "clip", "dropout": 0.0})
+    config = IPAEncoder.from_pretrained(tmp_path / "out").config
+    assert (config.c_s, config.depth, config.frame_update_clip, config.dropout) == (64, 2, "clip", 0.0)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_checkpoint_with_arbitrary_object_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": {}, "payload": Payload()}, path)
+    with pytest.raises(ValueError, match=r"refused: this checkpoint needs arbitrary unpickling"):
+        read_checkpoint(path)
+    with pytest.raises(ValueError, match="refused"):
+        convert(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# --- validation on load: one failure per test, each naming its field -------------------------
+
+
+def test_unknown_architecture(saved):
+    edit_config(saved, architecture="Transformer")
+    assert load_problems(saved) == ["architecture: expected 'IPAEncoder', got 'Transformer'"]
+
+
+def test_newer_format_version_says_which_version_to_upgrade_to(saved):
+    edit_config(saved, format_version=2, ipa_export_version="0.3.0")
+    [problem] = load_problems(saved)
+    assert problem.startswith("format_version: 2 is newer than this ipa_export") and "ipa-export>=0.3.0" in problem
+
+
+def test_missing_field(saved):
+    data = json.loads((saved / "config.json").read_text())
+    del data["config"]["no_heads"]
+    (saved / "config.json").write_text(json.dumps(data))
+    assert load_problems(saved) == ["config.no_heads: missing field"]
+
+
+def test_unknown_field(saved):
+    edit_config(saved, **{"config.use_magic": True})
+    assert load_problems(saved) == ["config.use_magic: unknown field"]
+
+
+def test_mistyped_field(saved):
+    edit_config(saved, **{"config.c_s": "32"})
+    assert load_problems(saved) == ["config.c_s: must be an integer, got str '32'"]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("z_factor_rank", -1, "config.z_factor_rank: must be >= 0, got -1"),
+        ("no_heads", 0, "config.no_heads: must be positive, got 0"),
+        ("c_p", 18, "config.c_p: must be divisible by 4 (the IPA projects it to c_p // 4), got 18"),
+        ("attention", "xformers", "config.attention: must be one of ['auto', 'sdpa', 'flash_attn', 'dense'], got 'xformers'"),
+    ],
+)
+def test_value_out_of_range(saved, field, value, message):
+    edit_config(saved, **{f"config.{field}": value})
+    assert load_problems(saved) == [message]
+
+
+def test_tensor_shape_disagrees_with_config(saved):
+    weights = load_file(saved / "model.safetensors")
+    weights["ipa_stack.final_norm.weight"] = torch.ones(33)
+    save_file(weights, saved / "model.safetensors")
+    assert load_problems(saved) == ["tensor ipa_stack.final_norm.weight: shape [33] disagrees with the config, which needs [32]"]
+
+
+def test_tensor_dtype_disagrees_with_config(saved):
+    edit_config(saved, dtype="float16")
+    problems = load_problems(saved)
+    assert problems and all(p.endswith("dtype F32 disagrees with config dtype F16") for p in problems)
+
+
+def test_missing_and_unexpected_tensors_are_listed_by_name(saved):
+    weights = load_file(saved / "model.safetensors")
+    del weights["edge_embedder.mlp.0.bias"]
+    weights["extra.head.weight"] = torch.zeros(2)
+    save_file(weights, saved / "model.safetensors")
+    assert load_problems(saved) == [
+        "tensor edge_embedder.mlp.0.bias: missing from model.safetensors",
+        "tensor extra.head.weight: unexpected in model.safetensors",
+    ]
+
+
+def test_caller_expectations(saved):
+    problems = load_problems(saved, expected={"c_s": 384, "z_factor_rank": 2, "colour": "red"})
+    assert problems == ["c_s: the caller expects 384, the export has 32", "expected.colour: unknown config field"]
+
+
+def test_all_problems_are_reported_together(saved):
+    edit_config(saved, architecture="X", **{"config.no_heads": 0, "config.c_s": "big"})
+    problems = load_problems(saved)
+    assert any(p.startswith("architecture:") for p in problems) and any(p.startswith("config.c_s:") for p in problems)
+
+
+# --- broken files -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda b: b[: len(b) // 2], id="truncated"),
+        pytest.param(lambda b: b"", id="empty"),
+        pytest.param(lambda b: b"\x00\x01garbage" * 10, id="corrupt"),
+        pytest.param(lambda b: (10**9).to_bytes(8, "little") + b[8:], id="header-length-too-large"),
+    ],
+)
+def test_broken_safetensors_is_a_clear_error(saved, damage):
+    path = saved / "model.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=r"model\.safetensors: (not a valid safetensors file|cannot read weights)"):
+        IPAEncoder.from_pretrained(saved)
+
+
+def test_config_that_is_not_json(saved):
+    (saved / "config.json").write_text("{architecture: IPAEncoder")
+    assert load_problems(saved)[0].startswith("config.json: not valid JSON")
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_missing_file(saved, name):
+    (saved / name).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{name}: missing from the export"):
+        IPAEncoder.from_pretrained(saved)
+
+
+def test_missing_directory_or_unknown_repo(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not an export directory"):
+        IPAEncoder.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="neither a local export directory nor a Hub repository"):
+        IPAEncoder.from_pretrained("org/not-cached", cache_dir=tmp_path, local_files_only=True)
+
+
+# --- atomic writes ----------------------------------------------------------------------------
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken_save(*args, **kwargs):
+        Path(args[1]).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        make_encoder().save_pretrained(tmp_path / "export")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_export_is_kept_unless_overwrite(saved, monkeypatch):
+    before = (saved / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="already exists"):
+        make_encoder(seed=9).save_pretrained(saved)
+    monkeypatch.setattr(export_module, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        make_encoder(seed=9).save_pretrained(saved, overwrite=True)
+    assert (saved / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["export"]
+    monkeypatch.undo()
+    make_encoder(seed=9).save_pretrained(saved, overwrite=True)
+    assert (saved / "model.safetensors").read_bytes() != before
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["export"]
+
+
+# --- Hugging Face cache -----------------------------------------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def build_hub_cache(export: Path, hub_cache: Path, repo_id: str) -> Path:
+    """The layout huggingface_hub keeps: blobs by hash, snapshots/<commit> symlinks, refs/main."""
+    import hashlib
+
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    for file in export.iterdir():
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
+def test_offline_load_by_repo_id_from_hf_cache(saved, tmp_path):
+    hf_home = tmp_path / "hf_home"
+    build_hub_cache(saved, hf_home / "hub", "org/bindrae-ipa")
+    script = (
+        "import torch; from ipa_export import IPAEncoder\n"
+        "m = IPAEncoder.from_pretrained('org/bindrae-ipa')\n"
+        "r = IPAEncoder.from_pretrained('org/bindrae-ipa', revision='main', local_files_only=True)\n"
+        "print(sum(p.numel() for p in m.parameters()), torch.equal(m.ipa_stack.final_norm.weight, r.ipa_stack.final_norm.weight))\n"
+    )
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    expected = sum(p.numel() for p in make_encoder().parameters())
+    assert result.stdout.split() == [str(expected), "True"]
+
+
+def test_load_from_explicit_cache_dir(saved, tmp_path):
+    build_hub_cache(saved, tmp_path / "cache", "org/bindrae-ipa")
+    loaded = IPAEncoder.from_pretrained("org/bindrae-ipa", cache_dir=tmp_path / "cache", local_files_only=True)
+    assert torch.equal(loaded.ipa_stack.final_norm.weight, IPAEncoder.from_pretrained(saved).ipa_stack.final_norm.weight)
+    with pytest.raises(FileNotFoundError):
+        IPAEncoder.from_pretrained("org/bindrae-ipa", revision="v2", cache_dir=tmp_path / "cache", local_files_only=True)
