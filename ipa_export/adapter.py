@@ -8,8 +8,9 @@ checkpoints load with ``strict=True``), and give the same outputs (fp32 referenc
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +41,9 @@ class ProjectEdgeConfig:
     self_condition: bool = True
 
     def to_encoder_config(self) -> EncoderConfig:
-        return EncoderConfig(c_s=self.c_s, c_p=self.c_p, z_factor_rank=self.z_factor_rank, mode=self.mode, feat_dim=self.feat_dim)
+        return EncoderConfig(
+            c_s=self.c_s, c_p=self.c_p, z_factor_rank=self.z_factor_rank, mode=self.mode, feat_dim=self.feat_dim
+        )
 
 
 @dataclass
@@ -110,7 +113,12 @@ class FlashIPAModule(FlashIPAStack):
         super().__init__(config.to_encoder_config())
 
     def forward(  # type: ignore[override]
-        self, s: torch.Tensor, frames: tuple[torch.Tensor, torch.Tensor], z_f1: torch.Tensor, z_f2: torch.Tensor, mask: torch.Tensor
+        self,
+        s: torch.Tensor,
+        frames: tuple[torch.Tensor, torch.Tensor],
+        z_f1: torch.Tensor,
+        z_f2: torch.Tensor,
+        mask: torch.Tensor,
     ) -> tuple[torch.Tensor, Frames]:
         config = self.config
         shapes = Shapes(c_s=config.c_s, R=config.z_factor_rank, c_z=config.c_z)
@@ -165,4 +173,6 @@ def load_checkpoint_modules(
     """Load the ``edge_embedder.`` and ``ipa_module.`` parts of a BINDRAE Stage-1
     ``model_state_dict`` into the two adapter modules (strict)."""
     for target, prefix in ((edge, "edge_embedder."), (module, "ipa_module.")):
-        target.load_state_dict({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, strict=True)
+        target.load_state_dict(
+            {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, strict=True
+        )

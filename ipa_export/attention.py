@@ -96,7 +96,9 @@ if flash_attn_with_kvcache is not None:  # pragma: no cover - needs CUDA and fla
     @torch.library.custom_op("ipa_export::flash_attn_padded", mutates_args=())
     def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """q, k, v [B, N, H, E] (contiguous), keys valid-first; lengths [B] int32 valid keys."""
-        return flash_attn_with_kvcache(q.contiguous(), k.contiguous(), v.contiguous(), cache_seqlens=lengths, softmax_scale=1.0)
+        return flash_attn_with_kvcache(
+            q.contiguous(), k.contiguous(), v.contiguous(), cache_seqlens=lengths, softmax_scale=1.0
+        )
 
     @_flash.register_fake
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 TAGS = ("protein", "invariant-point-attention", "flash-ipa", "structure-encoder", "ipa-export")
 
 
 def render_model_card(
-    config_json: Mapping[str, Any], *, num_parameters: int, provenance: Mapping[str, Any] | None = None, license: str = "apache-2.0"
+    config_json: Mapping[str, Any],
+    *,
+    num_parameters: int,
+    provenance: Mapping[str, Any] | None = None,
+    license: str = "apache-2.0",
 ) -> str:
     """Markdown with Hub metadata (``library_name``, ``tags``, ``license``), the encoder config
     as a table and the export's provenance (source checkpoint sha256, date, parity check)."""
     provenance = dict(provenance or {})
     title = provenance.pop("title", "IPAEncoder export")
-    description = provenance.pop("description", "A frozen FlashIPA geometric encoder (EdgeEmbedder + Invariant Point Attention stack).")
+    description = provenance.pop(
+        "description", "A frozen FlashIPA geometric encoder (EdgeEmbedder + Invariant Point Attention stack)."
+    )
     lines = ["---", "library_name: ipa-export", "tags:", *(f"- {t}" for t in TAGS), f"license: {license}", "---", ""]
     lines += [f"# {title}", "", description, ""]
     lines += [
@@ -45,5 +52,12 @@ def render_model_card(
         "",
     ]
     if provenance:
-        lines += ["## Provenance", "", "| field | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in provenance.items()), ""]
+        lines += [
+            "## Provenance",
+            "",
+            "| field | value |",
+            "|---|---|",
+            *(f"| {k} | {v} |" for k, v in provenance.items()),
+            "",
+        ]
     return "\n".join(lines)

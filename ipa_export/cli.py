@@ -9,8 +9,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -27,35 +28,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except (ConfigCompatibilityError, ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, RuntimeError) as error:
+    except (
+        ConfigCompatibilityError,
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        FileExistsError,
+        ImportError,
+        RuntimeError,
+    ) as error:
         print(f"ipa-export {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ipa-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ipa-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("convert", help="convert a BINDRAE Stage-1 checkpoint into an export directory")
     p.add_argument("checkpoint", type=Path, help="training checkpoint (.pt), read with weights_only=True")
     p.add_argument("--out", type=Path, required=True, help="export directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export at --out")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config value that shapes cannot tell (e.g. frame_update_clip=clip, attention=sdpa); repeatable")
-    p.add_argument("--residue-embedding-seed", type=int, metavar="SEED",
-                   help="add a random (untrained) 21-type residue embedding table, for embedding bare structures")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config value that shapes cannot tell (e.g. frame_update_clip=clip, attention=sdpa); repeatable",
+    )
+    p.add_argument(
+        "--residue-embedding-seed",
+        type=int,
+        metavar="SEED",
+        help="add a random (untrained) 21-type residue embedding table, for embedding bare structures",
+    )
     p.add_argument("--note", help="free text for the model card's provenance")
     p.add_argument("--license", default="apache-2.0", help="license in the model card (default: apache-2.0)")
     p.set_defaults(run=run_convert)
 
-    p = commands.add_parser("inspect", help="show an export's config, parameter count, tensors and metadata without loading weights")
+    p = commands.add_parser(
+        "inspect", help="show an export's config, parameter count, tensors and metadata without loading weights"
+    )
     p.add_argument("export", help="export directory or Hub repo id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_inspect)
 
-    p = commands.add_parser("validate", help="load an export, check expectations and run an SE(3)-invariance self-check")
+    p = commands.add_parser(
+        "validate", help="load an export, check expectations and run an SE(3)-invariance self-check"
+    )
     p.add_argument("export", help="export directory or Hub repo id")
-    p.add_argument("--expect", action="append", default=[], metavar="KEY=VALUE", help="required config value; repeatable")
+    p.add_argument(
+        "--expect", action="append", default=[], metavar="KEY=VALUE", help="required config value; repeatable"
+    )
     p.set_defaults(run=run_validate)
 
     p = commands.add_parser("push", help="upload an export directory to the Hugging Face Hub")
@@ -68,11 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list files, sizes and target; no network call")
     p.set_defaults(run=run_push)
 
-    p = commands.add_parser("embed", help="embed protein structures (PDB/mmCIF) and write per-residue outputs to safetensors")
+    p = commands.add_parser(
+        "embed", help="embed protein structures (PDB/mmCIF) and write per-residue outputs to safetensors"
+    )
     p.add_argument("export", help="export directory or Hub repo id")
     p.add_argument("structures", nargs="+", type=Path, help="structure files (.pdb, .cif, optionally .gz)")
     p.add_argument("--out", type=Path, required=True, help="directory for one <name>.safetensors per structure")
-    p.add_argument("--node-embed", type=Path, help="node embeddings [N, c_s] (.safetensors or .pt) for a single structure")
+    p.add_argument(
+        "--node-embed", type=Path, help="node embeddings [N, c_s] (.safetensors or .pt) for a single structure"
+    )
     p.add_argument("--chain", help="chain to read (default: the first protein chain)")
     p.set_defaults(run=run_embed)
     return parser
@@ -97,8 +128,13 @@ def run_convert(args: argparse.Namespace) -> int:
     from .export import read_header
 
     provenance = convert(
-        args.checkpoint, args.out, overrides=parse_assignments(args.overrides, "--set"),
-        residue_embedding_seed=args.residue_embedding_seed, overwrite=args.overwrite, note=args.note, license=args.license,
+        args.checkpoint,
+        args.out,
+        overrides=parse_assignments(args.overrides, "--set"),
+        residue_embedding_seed=args.residue_embedding_seed,
+        overwrite=args.overwrite,
+        note=args.note,
+        license=args.license,
     )
     header = read_header(args.out)
     print(f"converted {args.checkpoint} -> {args.out}")
@@ -113,14 +149,26 @@ def run_inspect(args: argparse.Namespace) -> int:
     header = read_header(resolve_export(args.export))
     parameters = sum(_numel(shape) for shape, _ in header.tensors.values())
     if args.json:
-        print(json.dumps({
-            "directory": str(header.directory), "format_version": header.format_version, "ipa_export_version": header.writer_version,
-            "dtype": header.dtype, "parameters": parameters, "config": header.config.to_dict(), "metadata": header.metadata,
-            "tensors": {k: {"shape": s, "dtype": d} for k, (s, d) in sorted(header.tensors.items())},
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "directory": str(header.directory),
+                    "format_version": header.format_version,
+                    "ipa_export_version": header.writer_version,
+                    "dtype": header.dtype,
+                    "parameters": parameters,
+                    "config": header.config.to_dict(),
+                    "metadata": header.metadata,
+                    "tensors": {k: {"shape": s, "dtype": d} for k, (s, d) in sorted(header.tensors.items())},
+                },
+                indent=2,
+            )
+        )
         return EXIT_OK
     print(f"export {header.directory}")
-    print(f"  format_version {header.format_version}, written by ipa_export {header.writer_version}, dtype {header.dtype}")
+    print(
+        f"  format_version {header.format_version}, written by ipa_export {header.writer_version}, dtype {header.dtype}"
+    )
     print(f"  parameters: {parameters:,} in {len(header.tensors)} tensors")
     print("config:")
     for key, value in header.config.to_dict().items():
@@ -140,7 +188,10 @@ def run_validate(args: argparse.Namespace) -> int:
     print(f"loaded {args.export}: {_short_config(encoder.config.to_dict())}")
     error = se3_self_check(encoder)
     ok = error <= SELF_CHECK_ATOL
-    print(f"SE(3)-invariance self-check: max deviation {error:.2e} (tolerance {SELF_CHECK_ATOL:g}): {'ok' if ok else 'FAILED'}")
+    print(
+        f"SE(3)-invariance self-check: max deviation {error:.2e} (tolerance {SELF_CHECK_ATOL:g}): "
+        + ("ok" if ok else "FAILED")
+    )
     return EXIT_OK if ok else EXIT_CHECK_FAILED
 
 
@@ -162,8 +213,11 @@ def se3_self_check(encoder: torch.nn.Module, seed: int = 0) -> float:
         out = encoder(node_embed, coords, mask)
         moved = encoder(node_embed, coords @ q.T + shift, mask, rotations=q.expand(1, SELF_CHECK_LENGTH, 3, 3))
     deviations = [
-        moved.s - out.s, moved.z_f1 - out.z_f1, moved.z_f2 - out.z_f2,
-        moved.rotations - q @ out.rotations, moved.translations - (out.translations @ q.T + shift),
+        moved.s - out.s,
+        moved.z_f1 - out.z_f1,
+        moved.z_f2 - out.z_f2,
+        moved.rotations - q @ out.rotations,
+        moved.translations - (out.translations @ q.T + shift),
     ]
     return max(d.abs().max().item() for d in deviations)
 
@@ -173,15 +227,23 @@ def run_push(args: argparse.Namespace) -> int:
 
     read_header(args.export)
     if args.dry_run:
-        print(f"dry run: would upload to Hub repo {args.repo_id} (revision {args.revision or 'main'}, "
-              f"private={args.private}, create_pr={args.create_pr}, message {args.commit_message!r}):")
+        print(
+            f"dry run: would upload to Hub repo {args.repo_id} (revision {args.revision or 'main'}, "
+            f"private={args.private}, create_pr={args.create_pr}, message {args.commit_message!r}):"
+        )
         for name in EXPORT_FILES:
             path = args.export / name
             if path.is_file():
                 print(f"  {name}  {path.stat().st_size:,} bytes")
         return EXIT_OK
-    url = push_export(args.export, args.repo_id, private=args.private or None, revision=args.revision,
-                      create_pr=args.create_pr, commit_message=args.commit_message)
+    url = push_export(
+        args.export,
+        args.repo_id,
+        private=args.private or None,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        commit_message=args.commit_message,
+    )
     print(f"pushed {args.export} -> {url}")
     return EXIT_OK
 
@@ -189,7 +251,9 @@ def run_push(args: argparse.Namespace) -> int:
 def run_embed(args: argparse.Namespace) -> int:
     from .embed import embed_structures
 
-    results = embed_structures(args.export, args.structures, args.out, node_embed_path=args.node_embed, chain=args.chain)
+    results = embed_structures(
+        args.export, args.structures, args.out, node_embed_path=args.node_embed, chain=args.chain
+    )
     for result in results:
         print(f"{result.name}: {result.length} residues, |s| mean {result.mean_norm:.3f} -> {result.path}")
     print(f"embedded {len(results)} structure(s) with {args.export} into {args.out}")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn", "dense")
 ATTN_DTYPES = ("fp32", "bf16", "fp16")

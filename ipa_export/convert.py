@@ -13,9 +13,10 @@ import hashlib
 import os
 import pickle
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -29,9 +30,17 @@ PARITY_ATOL = 1e-5
 PARITY_LENGTH = 64
 # Stage-1 config keys that name EncoderConfig fields (checkpoint name -> field).
 CHECKPOINT_CONFIG_FIELDS = {
-    "c_s": "c_s", "c_p": "c_p", "z_factor_rank": "z_factor_rank", "c_hidden": "c_hidden", "no_heads": "no_heads",
-    "depth": "depth", "no_qk_points": "no_qk_points", "no_v_points": "no_v_points", "dropout": "dropout",
-    "max_rot_update_deg": "max_rot_update_deg", "max_trans_update": "max_trans_update",
+    "c_s": "c_s",
+    "c_p": "c_p",
+    "z_factor_rank": "z_factor_rank",
+    "c_hidden": "c_hidden",
+    "no_heads": "no_heads",
+    "depth": "depth",
+    "no_qk_points": "no_qk_points",
+    "no_v_points": "no_v_points",
+    "dropout": "dropout",
+    "max_rot_update_deg": "max_rot_update_deg",
+    "max_trans_update": "max_trans_update",
 }
 
 
@@ -65,7 +74,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if state is None and isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
         state = data
     if not isinstance(state, dict) or not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a dict with 'model_state_dict' (and optionally 'config'), or a bare state dict")
+        raise ValueError(
+            f"{path}: expected a dict with 'model_state_dict' (and optionally 'config'), or a bare state dict"
+        )
     modules = {k: v for k, v in state.items() if k.startswith(("edge_embedder.", "ipa_module."))}
     if not modules:
         raise ValueError(f"{path}: no 'edge_embedder.*' or 'ipa_module.*' tensors in the state dict")
@@ -159,12 +170,20 @@ def convert(
         config_json = write_export(encoder, tmp, provenance=provenance, license=license)
         difference = parity_check(checkpoint.state_dict, tmp)
         if difference > PARITY_ATOL:
-            raise RuntimeError(f"conversion parity failed: the export differs from the source modules by {difference:.3g}")
+            raise RuntimeError(
+                f"conversion parity failed: the export differs from the source modules by {difference:.3g}"
+            )
         provenance["parity"] = (
             f"max |export - source| = {difference:.3g} over s, frames and edge factors "
             f"(random protein, N = {PARITY_LENGTH}, seed 0; tolerance {PARITY_ATOL:g})"
         )
-        write_model_card(tmp, config_json, num_parameters=sum(p.numel() for p in encoder.parameters()), provenance=provenance, license=license)
+        write_model_card(
+            tmp,
+            config_json,
+            num_parameters=sum(p.numel() for p in encoder.parameters()),
+            provenance=provenance,
+            license=license,
+        )
     return provenance
 
 
@@ -175,13 +194,23 @@ def parity_check(state_dict: Mapping[str, torch.Tensor], export_dir: Path) -> fl
     edge, module, _ = _source_modules(encoder.config.replace(attention="dense"), state_dict, load=True)
     g = torch.Generator().manual_seed(0)
     node_embed = torch.randn(1, PARITY_LENGTH, encoder.config.c_s, generator=g)
-    coords = torch.cumsum(3.8 * torch.nn.functional.normalize(torch.randn(1, PARITY_LENGTH, 3, generator=g), dim=-1), dim=1)
+    coords = torch.cumsum(
+        3.8 * torch.nn.functional.normalize(torch.randn(1, PARITY_LENGTH, 3, generator=g), dim=-1), dim=1
+    )
     mask = torch.ones(1, PARITY_LENGTH, dtype=torch.bool)
     with torch.no_grad():
         out = encoder(node_embed, coords, mask)
         edges = edge(node_embed, coords, mask)
-        s, (rotations, translations) = module(node_embed, (torch.eye(3).expand(1, PARITY_LENGTH, 3, 3), coords), edges["z_f1"], edges["z_f2"], mask)
-    pairs = [(out.s, s), (out.rotations, rotations), (out.translations, translations), (out.z_f1, edges["z_f1"]), (out.z_f2, edges["z_f2"])]
+        s, (rotations, translations) = module(
+            node_embed, (torch.eye(3).expand(1, PARITY_LENGTH, 3, 3), coords), edges["z_f1"], edges["z_f2"], mask
+        )
+    pairs = [
+        (out.s, s),
+        (out.rotations, rotations),
+        (out.translations, translations),
+        (out.z_f1, edges["z_f1"]),
+        (out.z_f2, edges["z_f2"]),
+    ]
     return max((a - b).abs().max().item() for a, b in pairs)
 
 
@@ -189,13 +218,26 @@ def _source_modules(config: EncoderConfig, state_dict: Mapping[str, torch.Tensor
     """BINDRAE adapter modules for ``config`` and their expected state dict (BINDRAE keys)."""
     edge = create_edge_embedder(c_s=config.c_s, c_p=config.c_p, z_rank=config.z_factor_rank, feat_dim=config.feat_dim)
     module = create_flashipa_module(
-        c_s=config.c_s, c_z=config.c_p, depth=config.depth, c_hidden=config.c_hidden, no_heads=config.no_heads,
-        no_qk_points=config.no_qk_points, no_v_points=config.no_v_points, z_factor_rank=config.z_factor_rank,
-        max_rot_update_deg=config.max_rot_update_deg, max_trans_update=config.max_trans_update,
-        frame_update_clip=config.frame_update_clip, attention=config.attention,
+        c_s=config.c_s,
+        c_z=config.c_p,
+        depth=config.depth,
+        c_hidden=config.c_hidden,
+        no_heads=config.no_heads,
+        no_qk_points=config.no_qk_points,
+        no_v_points=config.no_v_points,
+        z_factor_rank=config.z_factor_rank,
+        max_rot_update_deg=config.max_rot_update_deg,
+        max_trans_update=config.max_trans_update,
+        frame_update_clip=config.frame_update_clip,
+        attention=config.attention,
     )
-    expected = {**{f"edge_embedder.{k}": v for k, v in edge.state_dict().items()}, **{f"ipa_module.{k}": v for k, v in module.state_dict().items()}}
+    expected = {
+        **{f"edge_embedder.{k}": v for k, v in edge.state_dict().items()},
+        **{f"ipa_module.{k}": v for k, v in module.state_dict().items()},
+    }
     if load:
         for target, prefix in ((edge, "edge_embedder."), (module, "ipa_module.")):
-            target.load_state_dict({k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, strict=True)
+            target.load_state_dict(
+                {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, strict=True
+            )
     return edge.eval(), module.eval(), expected

@@ -48,7 +48,12 @@ class EdgeEmbedder(nn.Module):
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
-        self.rank, self.k, self.num_bins, self.feat_dim = config.z_factor_rank, config.knn_k, config.num_bins, config.feat_dim
+        self.rank, self.k, self.num_bins, self.feat_dim = (
+            config.z_factor_rank,
+            config.knn_k,
+            config.num_bins,
+            config.feat_dim,
+        )
         f, r, bins = config.feat_dim, config.z_factor_rank, config.num_bins
         if r == 0:  # flash_no_bias: no edge parameters at all
             self.c_p = config.c_p
@@ -79,7 +84,11 @@ class EdgeEmbedder(nn.Module):
         return x.unflatten(-1, (2, self.rank, -1))
 
     def forward(
-        self, node_embed: torch.Tensor, translations: torch.Tensor, node_mask: torch.Tensor, trans_sc: torch.Tensor | None = None
+        self,
+        node_embed: torch.Tensor,
+        translations: torch.Tensor,
+        node_mask: torch.Tensor,
+        trans_sc: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """node_embed [B, N, c_s], translations and trans_sc [B, N, 3] (Angstrom; trans_sc
         defaults to translations), node_mask [B, N] bool -> z_f1, z_f2 [B, N, R, c_p]."""

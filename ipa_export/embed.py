@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -60,10 +60,14 @@ def embed_structures(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for name, backbone, tensors in zip(names, backbones, outputs):
+    for name, backbone, tensors in zip(names, backbones, outputs, strict=True):
         metadata = {
-            "structure": name, "chain": backbone.name, "sequence": backbone.sequence,
-            "residue_ids": json.dumps(backbone.residue_ids), "export": str(export), "ipa_export_version": __version__,
+            "structure": name,
+            "chain": backbone.name,
+            "sequence": backbone.sequence,
+            "residue_ids": json.dumps(backbone.residue_ids),
+            "export": str(export),
+            "ipa_export_version": __version__,
         }
         path = out / f"{name}.safetensors"
         _atomic_save(tensors | {"aatype": backbone.aatype}, path, metadata)
@@ -81,17 +85,24 @@ def load_node_embed(path: str | os.PathLike, length: int, c_s: int) -> torch.Ten
         tensors = load_file(path)
         tensor = tensors.get("node_embed", next(iter(tensors.values())) if len(tensors) == 1 else None)
         if tensor is None:
-            raise ValueError(f"--node-embed: {path} holds {sorted(tensors)}; expected one tensor or one named 'node_embed'")
+            raise ValueError(
+                f"--node-embed: {path} holds {sorted(tensors)}; expected one tensor or one named 'node_embed'"
+            )
     else:
         tensor = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"--node-embed: {path} holds a {type(tensor).__name__}, expected a tensor [N, c_s]")
     if tuple(tensor.shape) != (length, c_s) or not tensor.is_floating_point():
-        raise ValueError(f"--node-embed: expected a float tensor of shape [N={length}, c_s={c_s}], got {tensor.dtype} {list(tensor.shape)}")
+        raise ValueError(
+            f"--node-embed: expected a float tensor of shape [N={length}, c_s={c_s}], "
+            f"got {tensor.dtype} {list(tensor.shape)}"
+        )
     return tensor.float()
 
 
-def _run(encoder: IPAEncoder, backbones: list[Backbone], node_embeds: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+def _run(
+    encoder: IPAEncoder, backbones: list[Backbone], node_embeds: list[torch.Tensor]
+) -> list[dict[str, torch.Tensor]]:
     """One padded batch through the encoder; per-structure outputs cut to their lengths."""
     lengths = [b.ca.shape[0] for b in backbones]
     batch, n = len(backbones), max(lengths)
@@ -99,7 +110,7 @@ def _run(encoder: IPAEncoder, backbones: list[Backbone], node_embeds: list[torch
     ca = torch.zeros(batch, n, 3)
     rotations = torch.eye(3).repeat(batch, n, 1, 1)
     mask = torch.zeros(batch, n, dtype=torch.bool)
-    for i, (backbone, embed) in enumerate(zip(backbones, node_embeds)):
+    for i, (backbone, embed) in enumerate(zip(backbones, node_embeds, strict=True)):
         length = lengths[i]
         node_embed[i, :length], mask[i, :length] = embed, True
         rotations[i, :length], ca[i, :length] = frames.from_backbone(backbone.n, backbone.ca, backbone.c)

@@ -57,7 +57,9 @@ class InvariantPointAttention(nn.Module):
         self.head_weights = nn.Parameter(torch.full((heads,), 0.541324854612918))  # softplus^-1(1)
         self.linear_out = nn.Linear(heads * (hidden + 4 * self.v_points + c_z // 4), c_s)
 
-    def _points(self, linear: nn.Linear, s: torch.Tensor, rotations: torch.Tensor, translations: torch.Tensor) -> torch.Tensor:
+    def _points(
+        self, linear: nn.Linear, s: torch.Tensor, rotations: torch.Tensor, translations: torch.Tensor
+    ) -> torch.Tensor:
         """[B, N, c_s] -> [B, N, H, P, 3] points in global coordinates. The linear output
         is read as x, y, z blocks of H * P, as in the reference."""
         local = torch.stack(linear(s).chunk(3, dim=-1), dim=-1)  # [B, N, H*P, 3]

@@ -16,7 +16,9 @@ _INDEX_BITS = 32
 
 
 @torch.library.custom_op("ipa_export::knn", mutates_args=())
-def knn(coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def knn(
+    coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest other valid residues of each residue.
 
     coords: [B, N, 3] float (Angstrom); mask: [B, N] bool.
@@ -47,6 +49,10 @@ def knn(coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: int = DEFA
 
 
 @knn.register_fake
-def _(coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def _(
+    coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     batch, length, _ = coords.shape
-    return coords.new_empty((batch, length, k), dtype=torch.float32), coords.new_empty((batch, length, k), dtype=torch.long)
+    return coords.new_empty((batch, length, k), dtype=torch.float32), coords.new_empty(
+        (batch, length, k), dtype=torch.long
+    )

@@ -8,7 +8,8 @@ same layout in both, under ``ipa_module.`` in a BINDRAE Stage-1 checkpoint and
 
 from __future__ import annotations
 
-from typing import Mapping, TypeVar
+from collections.abc import Mapping
+from typing import TypeVar
 
 V = TypeVar("V")
 

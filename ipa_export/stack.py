@@ -97,9 +97,7 @@ def ignore_padding(
     """Zero features and identity fp32 frames at padded positions, whatever they held (even NaN)."""
     valid = mask[..., None]
     eye = torch.eye(3, device=s.device)
-    rigid = Frames(
-        torch.where(valid[..., None], rigid[0].float(), eye), torch.where(valid, rigid[1].float(), 0.0)
-    )
+    rigid = Frames(torch.where(valid[..., None], rigid[0].float(), eye), torch.where(valid, rigid[1].float(), 0.0))
     z_f1, z_f2 = (torch.where(valid[..., None], z, 0.0) for z in (z_f1, z_f2))
     return torch.where(valid, s, 0.0), rigid, z_f1, z_f2
 

@@ -89,7 +89,7 @@ def _chain_residues(gemmi: Any, chain: Any) -> tuple[list[tuple[str, str, list[A
         if all(atoms):
             kept.append((rid, _one_letter(gemmi, res.name), atoms))
         else:
-            missing = ",".join(a for a, atom in zip(_BACKBONE, atoms) if not atom)
+            missing = ",".join(a for a, atom in zip(_BACKBONE, atoms, strict=True) if not atom)
             skipped.append(f"{rid}({res.name} lacks {missing})")
     return kept, skipped
 

@@ -15,7 +15,9 @@ class Shapes:
     def __init__(self, **known: int):
         self.sizes: dict[str, int] = dict(known)
 
-    def check(self, name: str, x: object, dims: tuple[str | int, ...], *, dtype: str | torch.dtype = "float") -> torch.Tensor:
+    def check(
+        self, name: str, x: object, dims: tuple[str | int, ...], *, dtype: str | torch.dtype = "float"
+    ) -> torch.Tensor:
         """Check that ``x`` is a tensor of shape ``dims`` (names or literal sizes) and of dtype
         ``dtype`` (a torch.dtype, or the kind ``"float"`` or ``"bool"``); bind new names."""
         if not isinstance(x, torch.Tensor):
@@ -27,12 +29,13 @@ class Shapes:
         if dtype == "bool" and x.dtype != torch.bool:
             raise TypeError(f"{name}: expected a torch.bool tensor, got {x.dtype} (use mask.bool())")
         mismatch = x.dim() != len(dims) or any(
-            size != (dim if isinstance(dim, int) else self.sizes.get(dim, size)) for dim, size in zip(dims, x.shape)
+            size != (dim if isinstance(dim, int) else self.sizes.get(dim, size))
+            for dim, size in zip(dims, x.shape, strict=True)
         )
         if mismatch:  # formatting sizes only here: under torch.compile it would specialise them
             expected = [d if isinstance(d, int) else f"{d}={self.sizes[d]}" if d in self.sizes else d for d in dims]
             raise ValueError(f"{name}: expected shape [{', '.join(map(str, expected))}], got {list(x.shape)}")
-        for dim, size in zip(dims, x.shape):
+        for dim, size in zip(dims, x.shape, strict=True):
             if isinstance(dim, str):
                 self.sizes.setdefault(dim, size)
         return x
@@ -58,4 +61,6 @@ def check_values(node_mask: torch.Tensor, **coordinates: torch.Tensor | None) ->
         bad = ~torch.isfinite(x).flatten(2).all(-1) & node_mask  # [B, N]
         if bad.any():
             where = bad.nonzero()[0].tolist()
-            raise ValueError(f"{name}: expected finite values at valid residues, found NaN or inf at (batch, residue) {tuple(where)}")
+            raise ValueError(
+                f"{name}: expected finite values at valid residues, found NaN or inf at (batch, residue) {tuple(where)}"
+            )

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ipa_export import EncoderConfig
+
+# CI explores a fixed set of examples (reproducible runs); local runs explore new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden"
@@ -60,13 +66,22 @@ def golden(request) -> GoldenCase:
     return load_golden(request.param)
 
 
-def assert_close_at(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor, atol: float = ATOL, rtol: float = RTOL, name: str = ""):
+def assert_close_at(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    mask: torch.Tensor,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    name: str = "",
+):
     torch.testing.assert_close(actual[mask], expected[mask], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
 def tiny_config(**changes) -> EncoderConfig:
     """A small config that keeps every code path: 2 blocks, rank 2, k = 10."""
-    base = EncoderConfig(c_s=32, c_p=16, z_factor_rank=2, feat_dim=16, c_hidden=8, no_heads=2, no_qk_points=3, no_v_points=4, depth=2)
+    base = EncoderConfig(
+        c_s=32, c_p=16, z_factor_rank=2, feat_dim=16, c_hidden=8, no_heads=2, no_qk_points=3, no_v_points=4, depth=2
+    )
     return base.replace(**changes)
 
 

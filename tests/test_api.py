@@ -45,7 +45,9 @@ def test_parameter_count_matches_usage_document():
 
 
 def test_defaults_match_usage_document():
-    assert ProjectEdgeConfig() == ProjectEdgeConfig(c_s=384, c_p=128, z_factor_rank=2, num_rbf=16, mode="flash_1d_bias", feat_dim=64, relpos_k=64)
+    assert ProjectEdgeConfig() == ProjectEdgeConfig(
+        c_s=384, c_p=128, z_factor_rank=2, num_rbf=16, mode="flash_1d_bias", feat_dim=64, relpos_k=64
+    )
     config = create_flashipa_module().config
     assert (config.c_s, config.c_z, config.c_hidden, config.no_heads, config.depth) == (384, 128, 128, 8, 3)
     assert (config.no_qk_points, config.no_v_points, config.z_factor_rank) == (8, 12, 2)

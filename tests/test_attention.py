@@ -12,6 +12,7 @@ from ipa_export.attention import attend, flash_attn_available, resolve_backend
 # have std ~1: mean |error| of s below 0.03 and max below 0.6 (measured: 0.007-0.02, 0.06-0.5).
 BF16_MEAN_ATOL, BF16_MAX_ATOL = 0.03, 0.6
 
+
 def batch(config, lengths, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = max(lengths)

@@ -76,10 +76,14 @@ def test_embed_real_structures_with_the_shipped_export(tmp_path, capsys):
     assert together["s"].shape == (length, 64) and together["rotations"].shape == (length, 3, 3)
     assert together["z_f1"].shape == (length, 2, 32) and torch.equal(together["aatype"], backbone.aatype)
     rotations = together["rotations"]
-    torch.testing.assert_close(rotations @ rotations.transpose(-1, -2), torch.eye(3).expand(length, 3, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        rotations @ rotations.transpose(-1, -2), torch.eye(3).expand(length, 3, 3), atol=1e-5, rtol=0
+    )
     with safe_open(tmp_path / "4ake_adk_open.safetensors", "pt") as f:
         metadata = f.metadata()
-    assert metadata["sequence"] == backbone.sequence and json.loads(metadata["residue_ids"])[0] == backbone.residue_ids[0]
+    assert (
+        metadata["sequence"] == backbone.sequence and json.loads(metadata["residue_ids"])[0] == backbone.residue_ids[0]
+    )
     # Embedding in a batch with another protein gives what embedding alone gives.
     alone_dir = tmp_path / "alone"
     assert main(["embed", str(SHIPPED), str(structures[1]), "--out", str(alone_dir)]) == 0
@@ -91,11 +95,19 @@ def test_embed_real_structures_with_the_shipped_export(tmp_path, capsys):
 def test_embed_with_node_embeddings_file(converted, tmp_path, capsys):
     length = len(read_backbone(STRUCTURE).sequence)
     save_file({"node_embed": torch.randn(length, 64)}, tmp_path / "esm.safetensors")
-    code, _, _ = run(capsys, "embed", converted, STRUCTURE, "--out", tmp_path / "out", "--node-embed", tmp_path / "esm.safetensors")
+    code, _, _ = run(
+        capsys, "embed", converted, STRUCTURE, "--out", tmp_path / "out", "--node-embed", tmp_path / "esm.safetensors"
+    )
     assert code == 0 and load_file(tmp_path / "out" / "1ahsA.safetensors")["s"].shape == (length, 64)
     save_file({"node_embed": torch.randn(length + 1, 64)}, tmp_path / "bad.safetensors")
-    code, _, err = run(capsys, "embed", converted, STRUCTURE, "--out", tmp_path / "out2", "--node-embed", tmp_path / "bad.safetensors")
-    assert code == 2 and f"--node-embed: expected a float tensor of shape [N={length}, c_s=64], got torch.float32 [{length + 1}, 64]" in err
+    code, _, err = run(
+        capsys, "embed", converted, STRUCTURE, "--out", tmp_path / "out2", "--node-embed", tmp_path / "bad.safetensors"
+    )
+    assert (
+        code == 2
+        and f"--node-embed: expected a float tensor of shape [N={length}, c_s=64], got torch.float32 [{length + 1}, 64]"
+        in err
+    )
     assert not (tmp_path / "out2" / "1ahsA.safetensors").exists()
 
 
@@ -120,7 +132,11 @@ def test_push_dry_run_makes_no_network_call(capsys, monkeypatch):
     monkeypatch.setattr(HfApi, "upload_folder", no_network)
     code, out, _ = run(capsys, "push", SHIPPED, "org/bindrae-ipa", "--dry-run", "--private", "--revision", "dev")
     size = (SHIPPED / "model.safetensors").stat().st_size
-    assert code == 0 and "org/bindrae-ipa (revision dev, private=True" in out and f"model.safetensors  {size:,} bytes" in out
+    assert (
+        code == 0
+        and "org/bindrae-ipa (revision dev, private=True" in out
+        and f"model.safetensors  {size:,} bytes" in out
+    )
 
 
 def test_push_uploads_the_export_folder(capsys, monkeypatch):
@@ -128,7 +144,9 @@ def test_push_uploads_the_export_folder(capsys, monkeypatch):
     from huggingface_hub import HfApi
 
     calls = {}
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("create_repo", (repo_id, kw)))
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("create_repo", (repo_id, kw))
+    )
 
     def upload_folder(self, **kwargs):
         calls["upload_folder"] = {**kwargs, "files": sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())}
@@ -139,13 +157,19 @@ def test_push_uploads_the_export_folder(capsys, monkeypatch):
     assert code == 0 and "commit/1" in out
     assert calls["create_repo"] == ("org/bindrae-ipa", {"private": None, "exist_ok": True})
     upload = calls["upload_folder"]
-    assert upload["repo_id"] == "org/bindrae-ipa" and upload["create_pr"] is True and upload["commit_message"] == "tiny export"
+    assert (
+        upload["repo_id"] == "org/bindrae-ipa"
+        and upload["create_pr"] is True
+        and upload["commit_message"] == "tiny export"
+    )
     assert upload["files"] == ["README.md", "config.json", "model.safetensors"]
 
 
 @pytest.mark.parametrize("command", ["convert", "inspect", "validate", "push", "embed"])
 def test_help_for_each_command(command):
-    result = subprocess.run([sys.executable, "-m", "ipa_export.cli", command, "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "ipa_export.cli", command, "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and result.stdout.startswith(f"usage: ipa-export {command}")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -43,10 +42,11 @@ def test_round_trip_is_bit_exact_and_frozen(saved):
     loaded = IPAEncoder.from_pretrained(saved)
     assert loaded.config == original.config
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), loaded.state_dict().values()))
+    pairs = zip(original.state_dict().values(), loaded.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     x = (torch.randn(1, 30, 32), 8 * torch.randn(1, 30, 3), torch.ones(1, 30, dtype=torch.bool))
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(original(*x), loaded(*x)))
+        assert all(torch.equal(a, b) for a, b in zip(original(*x), loaded(*x), strict=True))
 
 
 def test_export_layout_and_metadata(saved):
@@ -65,7 +65,9 @@ def test_export_layout_and_metadata(saved):
 
 
 def test_load_options(saved):
-    loaded = IPAEncoder.from_pretrained(saved, dtype=torch.float64, attention="dense", expected={"c_s": 32, "z_factor_rank": 2})
+    loaded = IPAEncoder.from_pretrained(
+        saved, dtype=torch.float64, attention="dense", expected={"c_s": 32, "z_factor_rank": 2}
+    )
     assert loaded.config.attention == "dense" and next(loaded.parameters()).dtype == torch.float64
 
 
@@ -78,7 +80,13 @@ def test_conversion_reproduces_golden_outputs(tmp_path):
         x, mask = case.inputs, case.mask
         with torch.no_grad():
             out = encoder(x["node_embed"], x["translations"], mask, rotations=x["rotations"])
-        for field, key in (("s", "s_geo"), ("z_f1", "z_f1"), ("z_f2", "z_f2"), ("rotations", "rot_mats"), ("translations", "trans")):
+        for field, key in (
+            ("s", "s_geo"),
+            ("z_f1", "z_f1"),
+            ("z_f2", "z_f2"),
+            ("rotations", "rot_mats"),
+            ("translations", "trans"),
+        ):
             assert_close_at(getattr(out, field), case.outputs[key], mask, name=field)
     card = (tmp_path / "converted" / "README.md").read_text()
     assert read_checkpoint(CHECKPOINT).sha256 in card and provenance["parity"] in card
@@ -152,7 +160,11 @@ def test_mistyped_field(saved):
         ("z_factor_rank", -1, "config.z_factor_rank: must be >= 0, got -1"),
         ("no_heads", 0, "config.no_heads: must be positive, got 0"),
         ("c_p", 18, "config.c_p: must be divisible by 4 (the IPA projects it to c_p // 4), got 18"),
-        ("attention", "xformers", "config.attention: must be one of ['auto', 'sdpa', 'flash_attn', 'dense'], got 'xformers'"),
+        (
+            "attention",
+            "xformers",
+            "config.attention: must be one of ['auto', 'sdpa', 'flash_attn', 'dense'], got 'xformers'",
+        ),
     ],
 )
 def test_value_out_of_range(saved, field, value, message):
@@ -164,7 +176,9 @@ def test_tensor_shape_disagrees_with_config(saved):
     weights = load_file(saved / "model.safetensors")
     weights["ipa_stack.final_norm.weight"] = torch.ones(33)
     save_file(weights, saved / "model.safetensors")
-    assert load_problems(saved) == ["tensor ipa_stack.final_norm.weight: shape [33] disagrees with the config, which needs [32]"]
+    assert load_problems(saved) == [
+        "tensor ipa_stack.final_norm.weight: shape [33] disagrees with the config, which needs [32]"
+    ]
 
 
 def test_tensor_dtype_disagrees_with_config(saved):
@@ -293,7 +307,8 @@ def test_offline_load_by_repo_id_from_hf_cache(saved, tmp_path):
         "import torch; from ipa_export import IPAEncoder\n"
         "m = IPAEncoder.from_pretrained('org/bindrae-ipa')\n"
         "r = IPAEncoder.from_pretrained('org/bindrae-ipa', revision='main', local_files_only=True)\n"
-        "print(sum(p.numel() for p in m.parameters()), torch.equal(m.ipa_stack.final_norm.weight, r.ipa_stack.final_norm.weight))\n"
+        "same = torch.equal(m.ipa_stack.final_norm.weight, r.ipa_stack.final_norm.weight)\n"
+        "print(sum(p.numel() for p in m.parameters()), same)\n"
     )
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -305,6 +320,10 @@ def test_offline_load_by_repo_id_from_hf_cache(saved, tmp_path):
 def test_load_from_explicit_cache_dir(saved, tmp_path):
     build_hub_cache(saved, tmp_path / "cache", "org/bindrae-ipa")
     loaded = IPAEncoder.from_pretrained("org/bindrae-ipa", cache_dir=tmp_path / "cache", local_files_only=True)
-    assert torch.equal(loaded.ipa_stack.final_norm.weight, IPAEncoder.from_pretrained(saved).ipa_stack.final_norm.weight)
+    assert torch.equal(
+        loaded.ipa_stack.final_norm.weight, IPAEncoder.from_pretrained(saved).ipa_stack.final_norm.weight
+    )
     with pytest.raises(FileNotFoundError):
-        IPAEncoder.from_pretrained("org/bindrae-ipa", revision="v2", cache_dir=tmp_path / "cache", local_files_only=True)
+        IPAEncoder.from_pretrained(
+            "org/bindrae-ipa", revision="v2", cache_dir=tmp_path / "cache", local_files_only=True
+        )

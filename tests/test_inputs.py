@@ -35,25 +35,105 @@ def nan_at(index):
 
 
 CASES = {
-    "node_embed rank": (with_(node_embed=torch.randn(N, C_S)), ValueError, r"node_embed: expected shape \[B, N, c_s=32\], got \[12, 32\]"),
-    "node_embed width": (with_(node_embed=torch.randn(B, N, 7)), ValueError, r"node_embed: expected shape \[B, N, c_s=32\], got \[2, 12, 7\]"),
-    "node_embed int": (with_(node_embed=torch.ones(B, N, C_S, dtype=torch.long)), TypeError, r"node_embed: expected dtype torch.float32 .*got torch.int64"),
+    "node_embed rank": (
+        with_(node_embed=torch.randn(N, C_S)),
+        ValueError,
+        r"node_embed: expected shape \[B, N, c_s=32\], got \[12, 32\]",
+    ),
+    "node_embed width": (
+        with_(node_embed=torch.randn(B, N, 7)),
+        ValueError,
+        r"node_embed: expected shape \[B, N, c_s=32\], got \[2, 12, 7\]",
+    ),
+    "node_embed int": (
+        with_(node_embed=torch.ones(B, N, C_S, dtype=torch.long)),
+        TypeError,
+        r"node_embed: expected dtype torch.float32 .*got torch.int64",
+    ),
     "node_embed not a tensor": (with_(node_embed=[[0.0]]), TypeError, r"node_embed: expected a torch.Tensor, got list"),
-    "translations last dim": (with_(translations=torch.randn(B, N, 4)), ValueError, r"translations: expected shape \[B=2, N=12, 3\], got \[2, 12, 4\]"),
-    "translations N disagrees": (with_(translations=torch.randn(B, N + 1, 3)), ValueError, r"translations: expected shape \[B=2, N=12, 3\], got \[2, 13, 3\]"),
-    "translations B disagrees": (with_(translations=torch.randn(B + 1, N, 3)), ValueError, r"translations: expected shape \[B=2, N=12, 3\], got \[3, 12, 3\]"),
-    "translations int": (with_(translations=torch.ones(B, N, 3, dtype=torch.int32)), TypeError, r"translations: expected a floating-point tensor, got torch.int32"),
-    "translations NaN": (with_(translations=nan_at((1, 3))), ValueError, r"translations: expected finite values at valid residues, found NaN or inf at \(batch, residue\) \(1, 3\)"),
-    "translations inf": (with_(translations=torch.full((B, N, 3), float("inf"))), ValueError, r"translations: expected finite values"),
-    "mask float": (with_(node_mask=torch.ones(B, N)), TypeError, r"node_mask: expected a torch.bool tensor, got torch.float32"),
-    "mask shape": (with_(node_mask=torch.ones(B, N, 1, dtype=torch.bool)), ValueError, r"node_mask: expected shape \[B=2, N=12\], got \[2, 12, 1\]"),
-    "mask no broadcast": (with_(node_mask=torch.ones(1, N, dtype=torch.bool)), ValueError, r"node_mask: expected shape \[B=2, N=12\], got \[1, 12\]"),
-    "empty batch": ({"node_embed": torch.randn(0, N, C_S), "translations": torch.randn(0, N, 3), "node_mask": torch.ones(0, N, dtype=torch.bool)}, ValueError, r"node_mask: empty batch, got shape \[0, 12\]"),
-    "empty length": ({"node_embed": torch.randn(B, 0, C_S), "translations": torch.randn(B, 0, 3), "node_mask": torch.ones(B, 0, dtype=torch.bool)}, ValueError, r"node_mask: empty batch"),
-    "protein without residues": (with_(node_mask=torch.tensor([[True] * N, [False] * N])), ValueError, r"node_mask: protein\(s\) \[1\] have no valid residue"),
-    "rotations shape": (with_(rotations=torch.eye(3).expand(B, N, 3, 3)[..., :2]), ValueError, r"rotations: expected shape \[B=2, N=12, 3, 3\], got \[2, 12, 3, 2\]"),
-    "rotations NaN": (with_(rotations=torch.full((B, N, 3, 3), float("nan"))), ValueError, r"rotations: expected finite values"),
-    "trans_sc shape": (with_(trans_sc=torch.randn(B, N - 1, 3)), ValueError, r"trans_sc: expected shape \[B=2, N=12, 3\], got \[2, 11, 3\]"),
+    "translations last dim": (
+        with_(translations=torch.randn(B, N, 4)),
+        ValueError,
+        r"translations: expected shape \[B=2, N=12, 3\], got \[2, 12, 4\]",
+    ),
+    "translations N disagrees": (
+        with_(translations=torch.randn(B, N + 1, 3)),
+        ValueError,
+        r"translations: expected shape \[B=2, N=12, 3\], got \[2, 13, 3\]",
+    ),
+    "translations B disagrees": (
+        with_(translations=torch.randn(B + 1, N, 3)),
+        ValueError,
+        r"translations: expected shape \[B=2, N=12, 3\], got \[3, 12, 3\]",
+    ),
+    "translations int": (
+        with_(translations=torch.ones(B, N, 3, dtype=torch.int32)),
+        TypeError,
+        r"translations: expected a floating-point tensor, got torch.int32",
+    ),
+    "translations NaN": (
+        with_(translations=nan_at((1, 3))),
+        ValueError,
+        r"translations: expected finite values at valid residues, found NaN or inf at \(batch, residue\) \(1, 3\)",
+    ),
+    "translations inf": (
+        with_(translations=torch.full((B, N, 3), float("inf"))),
+        ValueError,
+        r"translations: expected finite values",
+    ),
+    "mask float": (
+        with_(node_mask=torch.ones(B, N)),
+        TypeError,
+        r"node_mask: expected a torch.bool tensor, got torch.float32",
+    ),
+    "mask shape": (
+        with_(node_mask=torch.ones(B, N, 1, dtype=torch.bool)),
+        ValueError,
+        r"node_mask: expected shape \[B=2, N=12\], got \[2, 12, 1\]",
+    ),
+    "mask no broadcast": (
+        with_(node_mask=torch.ones(1, N, dtype=torch.bool)),
+        ValueError,
+        r"node_mask: expected shape \[B=2, N=12\], got \[1, 12\]",
+    ),
+    "empty batch": (
+        {
+            "node_embed": torch.randn(0, N, C_S),
+            "translations": torch.randn(0, N, 3),
+            "node_mask": torch.ones(0, N, dtype=torch.bool),
+        },
+        ValueError,
+        r"node_mask: empty batch, got shape \[0, 12\]",
+    ),
+    "empty length": (
+        {
+            "node_embed": torch.randn(B, 0, C_S),
+            "translations": torch.randn(B, 0, 3),
+            "node_mask": torch.ones(B, 0, dtype=torch.bool),
+        },
+        ValueError,
+        r"node_mask: empty batch",
+    ),
+    "protein without residues": (
+        with_(node_mask=torch.tensor([[True] * N, [False] * N])),
+        ValueError,
+        r"node_mask: protein\(s\) \[1\] have no valid residue",
+    ),
+    "rotations shape": (
+        with_(rotations=torch.eye(3).expand(B, N, 3, 3)[..., :2]),
+        ValueError,
+        r"rotations: expected shape \[B=2, N=12, 3, 3\], got \[2, 12, 3, 2\]",
+    ),
+    "rotations NaN": (
+        with_(rotations=torch.full((B, N, 3, 3), float("nan"))),
+        ValueError,
+        r"rotations: expected finite values",
+    ),
+    "trans_sc shape": (
+        with_(trans_sc=torch.randn(B, N - 1, 3)),
+        ValueError,
+        r"trans_sc: expected shape \[B=2, N=12, 3\], got \[2, 11, 3\]",
+    ),
 }
 
 
@@ -92,9 +172,13 @@ def test_flashipa_module_rejects_bad_input():
     args = good()
     frames = (torch.eye(3).expand(B, N, 3, 3), args["translations"])
     z = torch.randn(B, N, 2, 16)
-    with pytest.raises(ValueError, match=re.escape("z_f1: expected shape [B=2, N=12, R=2, c_z=16], got [2, 12, 3, 16]")):
+    with pytest.raises(
+        ValueError, match=re.escape("z_f1: expected shape [B=2, N=12, R=2, c_z=16], got [2, 12, 3, 16]")
+    ):
         module(args["node_embed"], frames, torch.randn(B, N, 3, 16), z, args["node_mask"])
     with pytest.raises(TypeError, match=r"frames: expected a \(rotations, translations\) pair, got Tensor"):
         module(args["node_embed"], frames[1], z, z, args["node_mask"])
-    with pytest.raises(ValueError, match=re.escape("frames.rotations: expected shape [B=2, N=12, 3, 3], got [2, 12, 9]")):
+    with pytest.raises(
+        ValueError, match=re.escape("frames.rotations: expected shape [B=2, N=12, 3, 3], got [2, 12, 9]")
+    ):
         module(args["node_embed"], (frames[0].flatten(-2), frames[1]), z, z, args["node_mask"])
