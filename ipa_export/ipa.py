@@ -62,7 +62,7 @@ class InvariantPointAttention(nn.Module):
     ) -> torch.Tensor:
         """[B, N, c_s] -> [B, N, H, P, 3] points in global coordinates. The linear output
         is read as x, y, z blocks of H * P, as in the reference."""
-        local = torch.stack(linear(s).chunk(3, dim=-1), dim=-1)  # [B, N, H*P, 3]
+        local = torch.stack(linear(s).float().chunk(3, dim=-1), dim=-1)  # [B, N, H*P, 3], fp32
         return frames.apply(rotations[:, :, None], translations[:, :, None], local).unflatten(2, (self.heads, -1))
 
     def forward(
@@ -92,7 +92,7 @@ class InvariantPointAttention(nn.Module):
         b2 = self.linear_b(z_f2).transpose(-1, -2)
         pair_1, pair_2 = self.down_z(z_f1), self.down_z(z_f2)  # [B, N, R, c_z/4]
 
-        weight = F.softplus(self.head_weights) * math.sqrt(1.0 / (3 * self.qk_points * 9.0 / 2))  # [H]
+        weight = F.softplus(self.head_weights.float()) * math.sqrt(1.0 / (3 * self.qk_points * 9.0 / 2))  # [H]
         weight = weight[:, None]
         ones = q.new_ones(batch, length, heads, 1)
         q_aug = torch.cat([q / math.sqrt(3 * hidden), weight * q_pts.flatten(-2), ones, b1], dim=-1)
@@ -108,6 +108,6 @@ class InvariantPointAttention(nn.Module):
             rotations[:, :, None, None], translations[:, :, None, None], o_pts.unflatten(-1, (self.v_points, 3))
         )  # [B, N, H, P_v, 3], local frame
         o_pts_norm = torch.sqrt(o_pts.square().sum(-1) + POINT_NORM_EPS)  # [B, N, H, P_v]
-        o_pair = torch.einsum("bnrd,bnhrd->bnhd", pair_1, o_pair.unflatten(-1, (self.rank, pair_1.shape[-1])))
+        o_pair = torch.einsum("bnrd,bnhrd->bnhd", pair_1.float(), o_pair.unflatten(-1, (self.rank, pair_1.shape[-1])))
         features = [o.flatten(2), *o_pts.flatten(2, 3).unbind(-1), o_pts_norm.flatten(2), o_pair.flatten(2)]
         return self.linear_out(torch.cat(features, dim=-1).to(s.dtype))
