@@ -140,7 +140,8 @@ def test_push_dry_run_makes_no_network_call(capsys, monkeypatch):
 
 
 def test_push_uploads_the_export_folder(capsys, monkeypatch):
-    """The one test that fakes the network: only HfApi's two remote calls are replaced."""
+    """The one test that fakes the network: only HfApi's two remote calls are replaced,
+    for the CLI and for IPAEncoder.push_to_hub."""
     from huggingface_hub import HfApi
 
     calls = {}
@@ -163,6 +164,11 @@ def test_push_uploads_the_export_folder(capsys, monkeypatch):
         and upload["commit_message"] == "tiny export"
     )
     assert upload["files"] == ["README.md", "config.json", "model.safetensors"]
+
+    encoder = IPAEncoder.from_pretrained(SHIPPED)
+    url = encoder.push_to_hub("org/other", private=True, revision="dev")
+    assert url.endswith("commit/1") and calls["upload_folder"]["files"] == upload["files"]
+    assert calls["upload_folder"]["revision"] == "dev" and calls["upload_folder"]["repo_id"] == "org/other"
 
 
 @pytest.mark.parametrize("command", ["convert", "inspect", "validate", "push", "embed"])

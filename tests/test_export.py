@@ -113,6 +113,15 @@ class Payload:
         return (os.system, ("echo pwned",))
 
 
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 3], lambda b: b""], ids=["truncated", "empty"])
+def test_broken_checkpoint_is_a_clear_error_and_nothing_is_written(tmp_path, damage):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(damage(CHECKPOINT.read_bytes()))
+    with pytest.raises(ValueError, match=r"broken\.pt: not a readable PyTorch checkpoint"):
+        convert(path, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.pt"]
+
+
 def test_pickle_checkpoint_with_arbitrary_object_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model_state_dict": {}, "payload": Payload()}, path)
