@@ -150,29 +150,28 @@ def create_flashipa_module(c_s: int = 384, c_z: int = 128, depth: int = 3, **kwa
     return FlashIPAModule(FlashIPAModuleConfig(c_s=c_s, c_z=c_z, depth=depth, **kwargs))
 
 
-def _to_bindrae_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        new = rename_local(key, prefix, reverse=True)
-        state_dict[new] = state_dict.pop(key)
-
-
-def _from_bindrae_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        state_dict[rename_local(key, prefix)] = state_dict.pop(key)
-
-
-def rename_local(key: str, prefix: str, *, reverse: bool = False) -> str:
-    """Rename one key below ``prefix`` with :data:`layout.ADAPTER_EDGE_RULES`; others unchanged."""
-    local = key[len(prefix) :]
-    return prefix + (layout.rename(local, layout.ADAPTER_EDGE_RULES, reverse=reverse) or local)
-
-
-def load_checkpoint_modules(
+def load_stage1_state_dict(
     state_dict: Mapping[str, torch.Tensor], edge: EdgeEmbedderAdapter, module: FlashIPAModule
 ) -> None:
     """Load the ``edge_embedder.`` and ``ipa_module.`` parts of a BINDRAE Stage-1
-    ``model_state_dict`` into the two adapter modules (strict)."""
+    ``model_state_dict`` into the two adapter modules, strictly."""
     for target, prefix in ((edge, "edge_embedder."), (module, "ipa_module.")):
         target.load_state_dict(
             {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, strict=True
         )
+
+
+def _to_bindrae_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        state_dict[_rename_below(key, prefix, reverse=True)] = state_dict.pop(key)
+
+
+def _from_bindrae_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        state_dict[_rename_below(key, prefix)] = state_dict.pop(key)
+
+
+def _rename_below(key: str, prefix: str, *, reverse: bool = False) -> str:
+    """Rename the part of ``key`` below ``prefix`` with :data:`layout.ADAPTER_EDGE_RULES`."""
+    local = key[len(prefix) :]
+    return prefix + (layout.rename(local, layout.ADAPTER_EDGE_RULES, reverse=reverse) or local)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .adapter import create_edge_embedder, create_flashipa_module
+from .adapter import create_edge_embedder, create_flashipa_module, load_stage1_state_dict
 from .config import ConfigCompatibilityError, EncoderConfig
 from .encoder import IPAEncoder
 from .export import atomic_directory, write_export, write_model_card
@@ -236,8 +236,5 @@ def _source_modules(config: EncoderConfig, state_dict: Mapping[str, torch.Tensor
         **{f"ipa_module.{k}": v for k, v in module.state_dict().items()},
     }
     if load:
-        for target, prefix in ((edge, "edge_embedder."), (module, "ipa_module.")):
-            target.load_state_dict(
-                {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, strict=True
-            )
+        load_stage1_state_dict(state_dict, edge, module)
     return edge.eval(), module.eval(), expected

@@ -7,6 +7,7 @@ import torch
 from conftest import CHECKPOINT, assert_close_at, load_golden
 
 from ipa_export import EncoderConfig, IPAEncoder, create_edge_embedder, create_flashipa_module
+from ipa_export.adapter import load_stage1_state_dict
 from ipa_export.layout import checkpoint_to_encoder, encoder_to_checkpoint
 
 
@@ -20,10 +21,7 @@ def adapter_modules(case, attention: str):
         relpos_k=case.edge_config["relpos_k"],
     )
     module = create_flashipa_module(**case.module_config, attention=attention)
-    for target, prefix in ((edge, "edge_embedder."), (module, "ipa_module.")):
-        target.load_state_dict(
-            {k[len(prefix) :]: v for k, v in case.weights.items() if k.startswith(prefix)}, strict=True
-        )
+    load_stage1_state_dict(case.weights, edge, module)
     return edge.eval(), module.eval()
 
 
