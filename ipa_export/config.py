@@ -98,7 +98,7 @@ class EncoderConfig:
         problems += _type_problems({k: v for k, v in data.items() if k in _FIELDS})
         if problems:
             raise ConfigCompatibilityError(problems)
-        return cls(**{k: v for k, v in data.items() if k in _FIELDS})
+        return cls(**{k: float(v) if isinstance(_FIELDS[k].default, float) else v for k, v in data.items()})
 
     def replace(self, **changes: Any) -> EncoderConfig:
         return dataclasses.replace(self, **changes)
@@ -120,7 +120,7 @@ def _type_problems(values: Mapping[str, Any]) -> list[str]:
         if name in _CHOICES:
             if value not in _CHOICES[name]:
                 problems.append(f"{name}: must be one of {list(_CHOICES[name])}, got {value!r}")
-        elif isinstance(default, bool) or isinstance(default, int):
+        elif isinstance(default, int):
             if isinstance(value, bool) or not isinstance(value, int):
                 problems.append(f"{name}: must be an integer, got {type(value).__name__} {value!r}")
         elif isinstance(default, float):

@@ -38,8 +38,7 @@ class IPAEncoder(ExportMixin, nn.Module):
 
     def __init__(self, config: EncoderConfig | None = None, **overrides: Any):
         super().__init__()
-        config = (config or EncoderConfig()).replace(**overrides) if overrides else (config or EncoderConfig())
-        self.config = config
+        self.config = config = (config or EncoderConfig()).replace(**overrides)
         self.edge_embedder = EdgeEmbedder(config)
         self.ipa_stack = FlashIPAStack(config)
         if config.num_residue_types:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import ipa_export
@@ -76,3 +77,14 @@ def test_trans_sc_defaults_to_translations():
 def test_public_api_is_exported():
     for name in ipa_export.__all__:
         assert hasattr(ipa_export, name), name
+
+
+def test_invalid_config_reports_every_field():
+    with pytest.raises(ipa_export.ConfigCompatibilityError) as info:
+        ipa_export.IPAEncoder(c_p=30, no_heads=0, mode="flash_no_bias")
+    assert info.value.problems == [
+        "no_heads: must be positive, got 0",
+        "c_p: must be divisible by 4 (the IPA projects it to c_p // 4), got 30",
+        "z_factor_rank: mode 'flash_no_bias' needs z_factor_rank 0, got 2",
+    ]
+    assert isinstance(info.value, ValueError)
