@@ -1,50 +1,59 @@
 """``torch.compile``-first inference: one compiled graph for every batch size and length,
 and a compile cache kept next to an export.
 
-:func:`compile_encoder` compiles an :class:`~ipa_export.IPAEncoder` with
-``fullgraph=True, dynamic=True``. ``dynamic=True`` alone compiles twice: a size-1 batch
-dimension is specialised (the "0/1 specialisation"), so batch size 1 and batch sizes >= 2
-get separate graphs. To get one graph, a forward pre-hook that runs eagerly, outside the
-compiled region, passes each tensor argument on as an alias (``x.view_as(x)``; no copy,
-autograd intact, the caller's tensors are not modified) whose batch dimension is marked
-*unbacked* with ``min=1`` and one shared ``shape_id``: the compiler then reasons about
-the batch size without ever assuming it is, or is not, 1. The length N stays an ordinary
-dynamic dimension (lengths >= 2 share one graph). No global config is changed.
+:func:`compile_encoder` wraps an :class:`~ipa_export.IPAEncoder` in a
+:class:`CompiledEncoder`, which runs ``torch.compile(encoder, fullgraph=True,
+dynamic=True)``. ``dynamic=True`` alone compiles twice: a size-1 batch dimension is
+specialised (the "0/1 specialisation"), so batch size 1 and batch sizes >= 2 get separate
+graphs. To get one graph, each call passes the tensor arguments on as aliases (``detach()``,
+no copy; ``clone()`` when autograd records; the caller's tensors are not touched) whose
+batch dimension is marked *unbacked* with ``min=1`` and one shared ``shape_id``: the
+compiler then reasons about the batch size without assuming it is, or is not, 1. The
+length N stays an ordinary dynamic dimension: every N >= 2 shares the graph.
 
-On torch versions whose ``mark_unbacked`` lacks ``min``/``shape_id`` the hook is not
-installed and the bound is the plain ``dynamic=True`` one: two graphs (batch 1, batch >= 2).
-Each distinct call signature (``rotations``/``trans_sc`` given or ``None``), dtype or
-device compiles its own graph, as usual.
+While a call runs (and only then) ``torch._dynamo.config.specialize_float`` is set, so the
+model's float constants (eps, clip limits) are constants from the start instead of symbolic
+floats that make Dynamo trace the model a second time on every compile.
+
+On torch versions whose ``mark_unbacked`` lacks ``min``/``shape_id`` the batch dimension is
+left as it is and the bound is plain ``dynamic=True``'s: two graphs (batch 1, batch >= 2),
+see :data:`COMPILE_BOUND`. A different call signature (``rotations``/``trans_sc`` given or
+``None``), dtype, device or grad mode compiles its own graph, as usual. Inputs the encoder
+rejects raise its own TypeError/ValueError, not Dynamo's ``Unsupported``.
 
 Compile cache: :func:`save_compile_cache` writes what this process compiled
 (``torch.compiler.save_cache_artifacts``) to a file, by convention
 ``<export>/compile_cache/<torch version>-<device>.bin`` (:func:`compile_cache_file`);
-:func:`load_compile_cache` loads one in a new process before compiling, so the first call
-skips AOTAutograd and Inductor codegen (Dynamo still traces).
-``IPAEncoder.from_pretrained(dir, compile=True)`` loads the export's cache when present.
-A cache holds generated code that is executed when used: load only caches you trust.
+:func:`load_compile_cache` loads one in a new process before the first compiled call, which
+then skips AOTAutograd and Inductor's lowering and code generation (Dynamo still traces and,
+on CPU, the generated C++ is still built). ``IPAEncoder.from_pretrained(dir, compile=True)``
+loads the export's cache when present. A cache holds generated code that runs when used:
+load only caches you trust.
 
 >>> encoder = IPAEncoder.from_pretrained("export", compile=True)   # doctest: +SKIP
->>> out = encoder(node_embed, translations, node_mask)              # doctest: +SKIP
+>>> with torch.inference_mode():                                    # doctest: +SKIP
+...     out = encoder(node_embed, translations, node_mask)
 >>> save_compile_cache(compile_cache_file("export", "cpu"))         # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import re
-import tempfile
 import time
+import uuid
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .encoder import IPAEncoder
+    from .encoder import EncoderOutput, IPAEncoder
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +84,72 @@ COMPILE_BOUND = 1 if _MARK_UNBACKED is not None else 2
 
 
 def _unbacked_batch(x: Any) -> Any:
-    """An alias of tensor ``x`` with dim 0 marked unbacked (>= 1); anything else as it is."""
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
+    """An alias of tensor ``x`` with dim 0 marked unbacked (>= 1); anything else, or
+    everything where this torch cannot mark it, as it is."""
+    if _MARK_UNBACKED is None or not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
         return x  # empty batches keep their shape, and the encoder's error
-    alias = x.view_as(x)
-    assert _MARK_UNBACKED is not None
+    # Not a view (x.view_as(x)): Dynamo would also guard on the view's base, whose batch
+    # size is an ordinary (0/1-specialised) one. detach() shares the storage; clone() keeps
+    # the autograd graph when one is being recorded.
+    alias = x.clone() if x.requires_grad and torch.is_grad_enabled() else x.detach()
     _MARK_UNBACKED(alias, 0, shape_id=BATCH_SHAPE_ID, min=1)
     return alias
 
 
-def _batch_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return tuple(_unbacked_batch(a) for a in args), {k: _unbacked_batch(v) for k, v in kwargs.items()}
+def _compile_scope() -> contextlib.AbstractContextManager[Any]:
+    """Dynamo settings for the duration of one call: float constants specialised."""
+    if hasattr(torch._dynamo.config, "specialize_float"):
+        return torch._dynamo.config.patch(specialize_float=True)
+    return contextlib.nullcontext()  # pragma: no cover - depends on the torch version
+
+
+class CompiledEncoder(nn.Module):
+    """An :class:`~ipa_export.IPAEncoder` behind ``torch.compile(fullgraph=True,
+    dynamic=True)`` with one graph for every batch size; made by :func:`compile_encoder`.
+
+    Call it like the encoder. Other attributes (``config``, ``attention_backend``,
+    ``embed_residues``, ...) are the encoder's, and ``encoder`` is the encoder itself
+    (its parameters are this module's, under ``encoder.``). Each call sets
+    ``torch._dynamo.config.specialize_float`` while it runs, process-wide: do not compile
+    other code with a different setting in another thread at the same time.
+    """
+
+    def __init__(self, encoder: IPAEncoder, compiled: Callable[..., EncoderOutput]):
+        super().__init__()
+        self.encoder = encoder
+        self.__dict__["_compiled"] = compiled  # not a submodule: the parameters are registered once
+
+    def forward(
+        self,
+        node_embed: torch.Tensor,
+        translations: torch.Tensor,
+        node_mask: torch.Tensor,
+        rotations: torch.Tensor | None = None,
+        trans_sc: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        """As :meth:`IPAEncoder.forward <ipa_export.IPAEncoder.forward>`."""
+        args = (node_embed, translations, node_mask, rotations, trans_sc)
+        if torch.compiler.is_compiling():  # inside a caller's torch.compile: just trace the encoder
+            return self.encoder(*args)
+        batches = {a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim() > 0}
+        marked = tuple(_unbacked_batch(a) for a in args) if len(batches) == 1 else args
+        try:
+            with _compile_scope():
+                return self._compiled(*marked)
+        except torch._dynamo.exc.Unsupported:
+            # Mostly the encoder rejecting its inputs while being traced: run it eagerly so that
+            # its own error (TypeError, ValueError) is raised; if eager runs, re-raise.
+            self.encoder(*args)
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            encoder = self.__dict__.get("_modules", {}).get("encoder")
+            if encoder is None or name.startswith("__"):
+                raise
+            return getattr(encoder, name)
 
 
 def compile_encoder(
@@ -94,24 +158,22 @@ def compile_encoder(
     backend: str | Callable[..., Any] = "inductor",
     mode: str | None = None,
     options: Mapping[str, Any] | None = None,
-) -> nn.Module:
-    """``torch.compile(encoder, fullgraph=True, dynamic=True)`` with one graph for every
-    batch size (see the module docstring; :data:`COMPILE_BOUND` graphs per call signature).
+) -> CompiledEncoder:
+    """``torch.compile(encoder, fullgraph=True, dynamic=True)`` with :data:`COMPILE_BOUND`
+    graphs (1 on current torch) for all batch sizes and lengths of one call signature.
 
-    Returns the ``OptimizedModule``: call it like the encoder; attributes (``config``,
-    ``attention_backend``, ...) are the encoder's. Compile after ``encoder.eval()``; graphs
-    are specialised on the grad mode, so run it under ``torch.no_grad()`` or
-    ``torch.inference_mode()`` consistently. ``backend``, ``mode`` and ``options`` are
-    passed to ``torch.compile``.
+    Compile a frozen encoder (``eval()``) and call it under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` consistently: graphs are specialised on the grad mode.
+    ``backend``, ``mode`` and ``options`` are passed to ``torch.compile``.
     """
     compiled = torch.compile(
         encoder, fullgraph=True, dynamic=True, backend=backend, mode=mode, options=dict(options) if options else None
     )
-    if _MARK_UNBACKED is not None:
-        compiled.register_forward_pre_hook(_batch_pre_hook, with_kwargs=True)
-    else:  # pragma: no cover - depends on the torch version
-        log.info("torch %s cannot mark the batch dimension unbacked: batch size 1 compiles its own graph", torch.__version__)
-    return compiled  # type: ignore[return-value]
+    if _MARK_UNBACKED is None:  # pragma: no cover - depends on the torch version
+        log.info(
+            "torch %s cannot mark the batch dimension unbacked: batch size 1 compiles its own graph", torch.__version__
+        )
+    return CompiledEncoder(encoder, compiled)
 
 
 def compile_cache_file(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Path:
@@ -135,13 +197,13 @@ def save_compile_cache(path: str | os.PathLike) -> Any:
     data, info = saved
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # same directory: atomic rename
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     log.info("saved compile cache %s (%d bytes)", path, len(data))
     return info
@@ -170,8 +232,11 @@ def load_compile_cache(path: str | os.PathLike) -> Any:
 
 
 def compile_pretrained(
-    encoder: IPAEncoder, directory: str | os.PathLike, device: str | torch.device | None, compile_cache: bool | str | os.PathLike
-) -> nn.Module:
+    encoder: IPAEncoder,
+    directory: str | os.PathLike,
+    device: str | torch.device | None,
+    compile_cache: bool | str | os.PathLike,
+) -> CompiledEncoder:
     """What ``from_pretrained(..., compile=True)`` returns: load the compile cache
     (``True``: the export's :func:`compile_cache_file` when present; a path: that file;
     ``False``: none), then :func:`compile_encoder`."""

@@ -16,10 +16,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -58,7 +59,11 @@ class ExportMixin:
     config: EncoderConfig
 
     def save_pretrained(
-        self, directory: str | os.PathLike, *, overwrite: bool = False, provenance: Mapping[str, Any] | None = None,
+        self,
+        directory: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        provenance: Mapping[str, Any] | None = None,
         license: str = "apache-2.0",
     ) -> Path:
         """Write the export to ``directory`` atomically: into a temporary sibling first, then
@@ -95,7 +100,9 @@ class ExportMixin:
         export's ``compile_cache/<torch version>-<device>.bin`` when present; a path: that
         file; ``False``: none). A compile cache holds generated code: load only trusted ones.
         """
-        directory = resolve_export(path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        directory = resolve_export(
+            path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+        )
         header = read_header(directory, expected=expected)
         config = header.config if attention is None else header.config.replace(attention=attention)
         with torch.device("meta"):
@@ -140,7 +147,13 @@ def write_export(
     metadata = {"format": "pt", "architecture": ARCHITECTURE, "format_version": str(FORMAT_VERSION)}
     save_file(state, directory / WEIGHTS_NAME, metadata=metadata)
     (directory / CONFIG_NAME).write_text(json.dumps(config_json, indent=2) + "\n")
-    write_model_card(directory, config_json, num_parameters=sum(v.numel() for v in state.values()), provenance=provenance, license=license)
+    write_model_card(
+        directory,
+        config_json,
+        num_parameters=sum(v.numel() for v in state.values()),
+        provenance=provenance,
+        license=license,
+    )
     return config_json
 
 
@@ -149,8 +162,12 @@ def write_model_card(directory: Path, config_json: Mapping[str, Any], **card: An
 
 
 def resolve_export(
-    path_or_repo_id: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False, token: str | bool | None = None,
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
 ) -> Path:
     """A local directory as it is, else a Hub repo id through ``huggingface_hub.snapshot_download``."""
     path = Path(path_or_repo_id)
@@ -164,8 +181,12 @@ def resolve_export(
     try:
         return Path(
             snapshot_download(
-                str(path_or_repo_id), revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                token=token, allow_patterns=list(EXPORT_FILES),
+                str(path_or_repo_id),
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                token=token,
+                allow_patterns=list(EXPORT_FILES),
             )
         )
     except (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError) as error:
@@ -190,7 +211,9 @@ def read_header(directory: str | os.PathLike, *, expected: Mapping[str, Any] | N
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigCompatibilityError([f"{CONFIG_NAME}: not valid JSON ({error})"], context="export") from error
     if not isinstance(raw, dict):
-        raise ConfigCompatibilityError([f"{CONFIG_NAME}: expected a JSON object, got {type(raw).__name__}"], context="export")
+        raise ConfigCompatibilityError(
+            [f"{CONFIG_NAME}: expected a JSON object, got {type(raw).__name__}"], context="export"
+        )
     tensors, metadata = _read_safetensors_header(directory / WEIGHTS_NAME)
 
     problems: list[str] = []
@@ -299,8 +322,14 @@ def make_shareable(path: Path) -> None:
 
 
 def push_export(
-    directory: str | os.PathLike, repo_id: str, *, private: bool | None = None, revision: str | None = None,
-    create_pr: bool = False, commit_message: str = "Upload IPAEncoder export", token: str | bool | None = None,
+    directory: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str = "Upload IPAEncoder export",
+    token: str | bool | None = None,
 ) -> str:
     """Upload a validated export directory to the Hub with ``huggingface_hub.HfApi``;
     returns the commit URL."""
@@ -310,7 +339,11 @@ def push_export(
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     commit = api.upload_folder(
-        repo_id=repo_id, folder_path=str(directory), revision=revision, create_pr=create_pr,
-        commit_message=commit_message, allow_patterns=list(EXPORT_FILES),
+        repo_id=repo_id,
+        folder_path=str(directory),
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message,
+        allow_patterns=list(EXPORT_FILES),
     )
     return str(getattr(commit, "commit_url", commit))
