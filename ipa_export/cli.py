@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -147,7 +148,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from .export import read_header, resolve_export
 
     header = read_header(resolve_export(args.export))
-    parameters = sum(_numel(shape) for shape, _ in header.tensors.values())
+    parameters = sum(math.prod(shape) for shape, _ in header.tensors.values())
     if args.json:
         print(
             json.dumps(
@@ -263,13 +264,6 @@ def run_embed(args: argparse.Namespace) -> int:
 def _short_config(config: dict[str, Any]) -> str:
     keys = ("c_s", "c_p", "z_factor_rank", "depth", "no_heads", "c_hidden", "frame_update_clip", "num_residue_types")
     return ", ".join(f"{k}={config[k]}" for k in keys)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
 
 
 if __name__ == "__main__":  # pragma: no cover

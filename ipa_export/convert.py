@@ -167,7 +167,7 @@ def convert(
     if note:
         provenance["note"] = note
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        config_json = write_export(encoder, tmp, provenance=provenance, license=license)
+        write_export(encoder, tmp, provenance=provenance, license=license)
         difference = parity_check(checkpoint.state_dict, tmp)
         if difference > PARITY_ATOL:
             raise RuntimeError(
@@ -177,13 +177,7 @@ def convert(
             f"max |export - source| = {difference:.3g} over s, frames and edge factors "
             f"(random protein, N = {PARITY_LENGTH}, seed 0; tolerance {PARITY_ATOL:g})"
         )
-        write_model_card(
-            tmp,
-            config_json,
-            num_parameters=sum(p.numel() for p in encoder.parameters()),
-            provenance=provenance,
-            license=license,
-        )
+        write_model_card(tmp, provenance=provenance, license=license)
     return provenance
 
 

@@ -13,6 +13,7 @@ weight is read, and reports every problem at once in a :class:`ConfigCompatibili
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -147,18 +148,19 @@ def write_export(
     metadata = {"format": "pt", "architecture": ARCHITECTURE, "format_version": str(FORMAT_VERSION)}
     save_file(state, directory / WEIGHTS_NAME, metadata=metadata)
     (directory / CONFIG_NAME).write_text(json.dumps(config_json, indent=2) + "\n")
-    write_model_card(
-        directory,
-        config_json,
-        num_parameters=sum(v.numel() for v in state.values()),
-        provenance=provenance,
-        license=license,
-    )
+    write_model_card(directory, provenance=provenance, license=license)
     return config_json
 
 
-def write_model_card(directory: Path, config_json: Mapping[str, Any], **card: Any) -> None:
-    (directory / CARD_NAME).write_text(render_model_card(config_json, **card))
+def write_model_card(
+    directory: Path, *, provenance: Mapping[str, Any] | None = None, license: str = "apache-2.0"
+) -> None:
+    """(Re)write ``README.md`` from the export's ``config.json`` and safetensors header."""
+    config_json = json.loads((directory / CONFIG_NAME).read_text())
+    tensors, _ = _read_safetensors_header(directory / WEIGHTS_NAME)
+    parameters = sum(math.prod(shape) for shape, _ in tensors.values())
+    card = render_model_card(config_json, num_parameters=parameters, provenance=provenance, license=license)
+    (directory / CARD_NAME).write_text(card)
 
 
 def resolve_export(
