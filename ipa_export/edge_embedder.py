@@ -96,16 +96,20 @@ class EdgeEmbedder(nn.Module):
         if self.rank == 0:
             empty = node_embed.new_zeros(batch, length, 0, self.c_p)
             return empty, empty
-        trans_sc = translations if trans_sc is None else trans_sc
-        translations, trans_sc = (torch.where(node_mask[..., None], x.float(), 0.0) for x in (translations, trans_sc))
+        translations = torch.where(node_mask[..., None], translations.float(), 0.0)
+        t_features = self._neighbour_features(translations, node_mask)
+        if trans_sc is None:  # BINDRAE passes the C-alpha positions again: one kNN search serves both
+            sc_features = t_features
+        else:
+            sc_features = self._neighbour_features(torch.where(node_mask[..., None], trans_sc.float(), 0.0), node_mask)
         positions = torch.arange(length, device=node_embed.device).expand(batch, length)
         dtype = node_embed.dtype  # geometry is computed in fp32, the layers run in the model's dtype
         features = torch.cat(
             [
                 self._factors(self.linear_s_p(node_embed)),
                 self._factors(self.linear_relpos(index_embedding(positions, self.feat_dim).to(dtype))),
-                self._factors(self.linear_t_distogram(self._neighbour_features(translations, node_mask).to(dtype))),
-                self._factors(self.linear_sc_distogram(self._neighbour_features(trans_sc, node_mask).to(dtype))),
+                self._factors(self.linear_t_distogram(t_features.to(dtype))),
+                self._factors(self.linear_sc_distogram(sc_features.to(dtype))),
             ],
             dim=-1,
         )  # [B, N, 2, R, 3 feat_dim + 2 num_bins]
