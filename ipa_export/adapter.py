@@ -21,7 +21,7 @@ from .config import EncoderConfig
 from .edge_embedder import EdgeEmbedder
 from .frames import Frames
 from .stack import FlashIPAStack
-from .validation import Shapes, check_not_empty, check_values
+from .validation import Shapes, check_not_empty, check_structure_inputs, check_values
 
 
 @dataclass
@@ -92,14 +92,7 @@ class EdgeEmbedderAdapter(nn.Module):
         """node_embed [B, N, c_s], translations [B, N, 3] (Angstrom), node_mask [B, N] bool,
         trans_sc [B, N, 3] (default translations) -> ``{"z_f1", "z_f2"}`` [B, N, R, c_p] and
         ``"edge_mask"`` [B, N, N] bool."""
-        shapes = Shapes(c_s=self.config.c_s)
-        shapes.check("node_embed", node_embed, ("B", "N", "c_s"))
-        shapes.check("translations", translations, ("B", "N", 3))
-        shapes.check("node_mask", node_mask, ("B", "N"), dtype="bool")
-        if trans_sc is not None:
-            shapes.check("trans_sc", trans_sc, ("B", "N", 3))
-        check_not_empty(node_mask)
-        check_values(node_mask, translations=translations, trans_sc=trans_sc)
+        check_structure_inputs(self.config.c_s, node_embed, translations, node_mask, trans_sc=trans_sc)
         z_f1, z_f2 = self.edge_embedder(node_embed, translations, node_mask, trans_sc)
         return {"z_f1": z_f1, "z_f2": z_f2, "edge_mask": node_mask[:, :, None] & node_mask[:, None, :]}
 

@@ -126,7 +126,8 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any] | None = N
         raise ConfigCompatibilityError(problems, context=f"checkpoint {checkpoint.path}")
     values = {"frame_update_clip": "reference", **stated, **overrides, **inferred}
     config = EncoderConfig.from_dict(values, require_all=False)
-    expected = {k: tuple(v.shape) for k, v in _source_modules(config, checkpoint.state_dict, load=False)[2].items()}
+    with torch.device("meta"):  # shapes only: allocate no weights
+        expected = {k: tuple(v.shape) for k, v in _source_modules(config, checkpoint.state_dict, load=False)[2].items()}
     mismatched = sorted(k for k in expected.keys() | shapes.keys() if expected.get(k) != shapes.get(k))
     if mismatched:
         raise ConfigCompatibilityError(

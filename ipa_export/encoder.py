@@ -13,7 +13,7 @@ from .edge_embedder import EdgeEmbedder
 from .export import ExportMixin
 from .frames import Frames, identity_rotations
 from .stack import FlashIPAStack
-from .validation import Shapes, check_not_empty, check_values
+from .validation import check_structure_inputs
 
 
 class EncoderOutput(NamedTuple):
@@ -71,16 +71,9 @@ class IPAEncoder(ExportMixin, nn.Module):
         node_mask [B, N] bool; rotations [B, N, 3, 3] (default identity); trans_sc [B, N, 3]
         (default translations)."""
         dtype = self.ipa_stack.final_norm.weight.dtype
-        shapes = Shapes(c_s=self.config.c_s)
-        shapes.check("node_embed", node_embed, ("B", "N", "c_s"), dtype=dtype)
-        shapes.check("translations", translations, ("B", "N", 3))
-        shapes.check("node_mask", node_mask, ("B", "N"), dtype="bool")
-        if rotations is not None:
-            shapes.check("rotations", rotations, ("B", "N", 3, 3))
-        if trans_sc is not None:
-            shapes.check("trans_sc", trans_sc, ("B", "N", 3))
-        check_not_empty(node_mask)
-        check_values(node_mask, translations=translations, rotations=rotations, trans_sc=trans_sc)
+        check_structure_inputs(
+            self.config.c_s, node_embed, translations, node_mask, rotations, trans_sc, embed_dtype=dtype
+        )
         if rotations is None:
             rotations = identity_rotations(node_mask.shape, device=translations.device)
 

@@ -41,6 +41,31 @@ class Shapes:
         return x
 
 
+def check_structure_inputs(
+    c_s: int,
+    node_embed: object,
+    translations: object,
+    node_mask: object,
+    rotations: object = None,
+    trans_sc: object = None,
+    *,
+    embed_dtype: str | torch.dtype = "float",
+) -> None:
+    """The checks shared by the encoder and the edge embedder: node_embed [B, N, c_s],
+    translations [B, N, 3], node_mask [B, N] bool, optional rotations [B, N, 3, 3] and
+    trans_sc [B, N, 3]; a non-empty batch; finite coordinates at valid residues."""
+    shapes = Shapes(c_s=c_s)
+    shapes.check("node_embed", node_embed, ("B", "N", "c_s"), dtype=embed_dtype)
+    shapes.check("translations", translations, ("B", "N", 3))
+    mask = shapes.check("node_mask", node_mask, ("B", "N"), dtype="bool")
+    if rotations is not None:
+        shapes.check("rotations", rotations, ("B", "N", 3, 3))
+    if trans_sc is not None:
+        shapes.check("trans_sc", trans_sc, ("B", "N", 3))
+    check_not_empty(mask)
+    check_values(mask, translations=translations, rotations=rotations, trans_sc=trans_sc)  # type: ignore[arg-type]
+
+
 def check_not_empty(node_mask: torch.Tensor) -> None:
     """Every batch element must have at least one residue."""
     batch, length = node_mask.shape
