@@ -16,7 +16,7 @@ import sys
 import torch
 
 from ipa_export import EncoderConfig, IPAEncoder
-from ipa_export.attention import flash_attn_available
+from ipa_export.model.attention import flash_attn_available
 
 
 def chain(n: int, generator: torch.Generator) -> torch.Tensor:

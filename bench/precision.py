@@ -3,7 +3,7 @@
 The IPA folds -w/2 |q^ - k^|^2 into one dot product, q^.k^ - |k^|^2/2 (ipa_export/ipa.py). Its
 terms grow with |x|^2 while their difference does not, so it loses digits when the points are far
 from the origin; the encoder therefore takes points relative to each protein's centroid
-(``ipa_export.ipa.masked_centroid``). This script measures the encoder output ``s`` for chains
+(``ipa_export.model.ipa.masked_centroid``). This script measures the encoder output ``s`` for chains
 centred at increasing offsets from the origin, in fp32 and with bf16 attention
 (``attn_dtype="bf16"``), with the centring (as shipped) and without it (``masked_centroid``
 monkeypatched to return zeros), against an fp64 reference run of the same weights.
@@ -35,8 +35,8 @@ import _common  # noqa: E402, F401
 import torch  # noqa: E402
 from _common import USAGE_CONFIG, make_inputs  # noqa: E402
 
-import ipa_export.edge_embedder as edge_embedder_module  # noqa: E402
-import ipa_export.ipa as ipa_module  # noqa: E402
+import ipa_export.model.edge_embedder as edge_embedder_module  # noqa: E402
+import ipa_export.model.ipa as ipa_module  # noqa: E402
 from ipa_export import EncoderConfig, IPAEncoder  # noqa: E402
 
 
@@ -82,8 +82,8 @@ def reference_model(model: IPAEncoder) -> IPAEncoder:
 
 def structure_inputs(path: Path, seed: int) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(title, node_embed, ca, mask, rotations) of the first chain of a structure file."""
-    from ipa_export.frames import from_backbone
-    from ipa_export.structure import read_backbone
+    from ipa_export.model.frames import from_backbone
+    from ipa_export.structures.reader import read_backbone
 
     backbone = read_backbone(path)
     n = backbone.ca.shape[0]
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Columns: 'fp32' / 'bf16' / 'fp16' = attn_dtype (q, k, v of the attention in that dtype, the rest",
         "fp32); 'centred' = as shipped (points relative to the protein's centroid); 'uncentred' =",
-        "ipa_export.ipa.masked_centroid monkeypatched to zeros. 'fp64 uncentred' = the reference without",
+        "ipa_export.model.ipa.masked_centroid monkeypatched to zeros. 'fp64 uncentred' = the reference without",
         "centring minus the reference (a check: the offset is harmless in exact arithmetic).",
     ]
     print("\n".join(lines[-5:]))

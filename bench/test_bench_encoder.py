@@ -33,7 +33,7 @@ import torch  # conftest.py imported _common (OMP_WAIT_POLICY) before torch
 from _common import USAGE_CONFIG, machine_info, make_inputs, measure_peak_memory, sync, wait_until_quiet
 
 from ipa_export import EncoderConfig, IPAEncoder
-from ipa_export.attention import flash_attn_available
+from ipa_export.model.attention import flash_attn_available
 
 DEVICE = torch.device(os.environ.get("IPA_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 SIZES = [int(x) for x in os.environ.get("IPA_BENCH_SIZES", "64,256,1024,4096").split(",")]

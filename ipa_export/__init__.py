@@ -1,13 +1,7 @@
 """ipa_export: frozen, shareable FlashIPA encoders in plain PyTorch."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("ipa-export")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
-
-from .adapter import (
+from ._version import __version__
+from .bindrae.adapter import (
     EdgeEmbedderAdapter,
     FlashIPAModule,
     FlashIPAModuleConfig,
@@ -16,10 +10,10 @@ from .adapter import (
     create_flashipa_module,
 )
 from .config import ConfigCompatibilityError, EncoderConfig
-from .edge_embedder import EdgeEmbedder
-from .encoder import EncoderOutput, IPAEncoder
-from .frames import Frames
-from .stack import FlashIPAStack
+from .model.edge_embedder import EdgeEmbedder
+from .model.encoder import EncoderOutput, IPAEncoder
+from .model.frames import Frames
+from .model.stack import FlashIPAStack
 
 __all__ = [
     "ConfigCompatibilityError",

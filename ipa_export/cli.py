@@ -125,8 +125,9 @@ def parse_assignments(items: Sequence[str], option: str) -> dict[str, Any]:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
-    from .export import read_header
+    from .bindrae.convert import convert
+    from .export.format import read_header
+    from .model.encoder import IPAEncoder
 
     provenance = convert(
         args.checkpoint,
@@ -137,7 +138,7 @@ def run_convert(args: argparse.Namespace) -> int:
         note=args.note,
         license=args.license,
     )
-    header = read_header(args.out)
+    header = read_header(args.out, IPAEncoder)
     print(f"converted {args.checkpoint} -> {args.out}")
     print(f"  config: {_short_config(header.config.to_dict())}")
     print(f"  parity: {provenance['parity']}")
@@ -145,9 +146,11 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from .export import read_header, resolve_export
+    from .export.format import read_header
+    from .export.hub import resolve_export
+    from .model.encoder import IPAEncoder
 
-    header = read_header(resolve_export(args.export))
+    header = read_header(resolve_export(args.export), IPAEncoder)
     parameters = sum(math.prod(shape) for shape, _ in header.tensors.values())
     if args.json:
         print(
@@ -183,7 +186,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from .encoder import IPAEncoder
+    from .model.encoder import IPAEncoder
 
     encoder = IPAEncoder.from_pretrained(args.export, expected=parse_assignments(args.expect, "--expect"))
     print(f"loaded {args.export}: {_short_config(encoder.config.to_dict())}")
@@ -224,9 +227,11 @@ def se3_self_check(encoder: torch.nn.Module, seed: int = 0) -> float:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from .export import EXPORT_FILES, push_export, read_header
+    from .export.format import EXPORT_FILES, read_header
+    from .export.hub import push_export
+    from .model.encoder import IPAEncoder
 
-    read_header(args.export)
+    read_header(args.export, IPAEncoder)
     if args.dry_run:
         print(
             f"dry run: would upload to Hub repo {args.repo_id} (revision {args.revision or 'main'}, "
@@ -240,6 +245,7 @@ def run_push(args: argparse.Namespace) -> int:
     url = push_export(
         args.export,
         args.repo_id,
+        IPAEncoder,
         private=args.private or None,
         revision=args.revision,
         create_pr=args.create_pr,
@@ -250,7 +256,7 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from .embed import embed_structures
+    from .structures.embed import embed_structures
 
     results = embed_structures(
         args.export, args.structures, args.out, node_embed_path=args.node_embed, chain=args.chain

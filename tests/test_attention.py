@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_encoder, random_chain, tiny_config
 
-from ipa_export.attention import attend, flash_attn_available, resolve_backend
+from ipa_export.model.attention import attend, flash_attn_available, resolve_backend
 
 # Documented tolerance of bf16 attention against fp32, on a randomised model whose outputs
 # have std ~1: mean |error| of s below 0.03 and max below 0.6 (measured: 0.007-0.02, 0.06-0.5).

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from ipa_export import IPAEncoder
 from ipa_export.cli import main
-from ipa_export.structure import read_backbone
+from ipa_export.structures.reader import read_backbone
 
 SHIPPED = Path(__file__).parents[1] / "checkpoints" / "bindrae-ipa-tiny"
 STRUCTURE = STRUCTURES / "1ahsA.pdb.gz"

@@ -1,4 +1,4 @@
-"""torch.compile-first inference (ipa_export.compiling): no graph breaks, the documented
+"""torch.compile-first inference (ipa_export.model.compiling): no graph breaks, the documented
 number of compiled graphs across batch sizes, lengths and masks, compiled/eager parity,
 and the compile cache round trip. CPU, tiny config; Inductor compiles into a fresh cache."""
 
@@ -12,8 +12,9 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from ipa_export import EncoderConfig, IPAEncoder, compiling
-from ipa_export.compiling import (
+from ipa_export import EncoderConfig, IPAEncoder
+from ipa_export.model import compiling
+from ipa_export.model.compiling import (
     COMPILE_BOUND,
     CompiledEncoder,
     _compile_scope,
@@ -81,6 +82,7 @@ def test_fullgraph_no_graph_breaks(encoder):
     assert explanation.graph_count == 1
 
 
+@pytest.mark.slow  # Inductor builds C++: minutes on a small CPU
 def test_one_graph_for_all_batch_sizes_lengths_and_masks(encoder):
     counter = CompileCounterWithBackend("inductor")
     compiled = compile_encoder(encoder, backend=counter)
@@ -103,6 +105,7 @@ def test_one_graph_for_all_batch_sizes_lengths_and_masks(encoder):
     assert torch._dynamo.config.specialize_float == specialize_float  # scoped to the calls
 
 
+@pytest.mark.slow  # Inductor builds C++: minutes on a small CPU
 def test_compiled_matches_eager_with_padding(encoder):
     """Every optional input given (the graph without them is checked above)."""
     compiled = compile_encoder(encoder)
@@ -116,6 +119,7 @@ def test_compiled_matches_eager_with_padding(encoder):
             )
 
 
+@pytest.mark.slow  # Inductor builds C++: minutes on a small CPU
 def test_compile_cache_round_trip(encoder, tmp_path, monkeypatch):
     export = encoder.save_pretrained(tmp_path / "export")
     args = make_batch(2, 50)
@@ -162,6 +166,6 @@ def test_compile_cache_errors(tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="no compile cache"):
         load_compile_cache(tmp_path / "missing.bin")
     (tmp_path / "junk.bin").write_bytes(b"not a cache")
-    with caplog.at_level(logging.WARNING, logger="ipa_export.compiling"):
+    with caplog.at_level(logging.WARNING, logger="ipa_export.model.compiling"):
         assert load_compile_cache(tmp_path / "junk.bin") is None
     assert "not a compile cache" in caplog.text

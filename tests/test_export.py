@@ -13,9 +13,9 @@ import torch
 from conftest import CHECKPOINT, assert_close_at, load_golden, make_encoder, tiny_config
 from safetensors.torch import load_file, save_file
 
-import ipa_export.export as export_module
+import ipa_export.export.format as export_module
 from ipa_export import ConfigCompatibilityError, IPAEncoder
-from ipa_export.convert import convert, read_checkpoint
+from ipa_export.bindrae.convert import convert, read_checkpoint
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_round_trip_is_bit_exact_and_frozen(saved):
 def test_export_layout_and_metadata(saved):
     assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((saved / "config.json").read_text())
-    assert config["architecture"] == "IPAEncoder" and config["format_version"] == 1 and config["dtype"] == "float32"
+    assert config["architecture"] == "IPAEncoder" and config["format_version"] == 2 and config["dtype"] == "float32"
     assert config["config"] == tiny_config().to_dict() and "ipa_export_version" in config
     from safetensors import safe_open
 
@@ -141,9 +141,9 @@ def test_unknown_architecture(saved):
 
 
 def test_newer_format_version_says_which_version_to_upgrade_to(saved):
-    edit_config(saved, format_version=2, ipa_export_version="0.3.0")
+    edit_config(saved, format_version=3, ipa_export_version="0.3.0")
     [problem] = load_problems(saved)
-    assert problem.startswith("format_version: 2 is newer than this ipa_export") and "ipa-export>=0.3.0" in problem
+    assert problem.startswith("format_version: 3 is newer than this ipa_export") and "ipa-export>=0.3.0" in problem
 
 
 def test_missing_field(saved):
@@ -198,11 +198,11 @@ def test_tensor_dtype_disagrees_with_config(saved):
 
 def test_missing_and_unexpected_tensors_are_listed_by_name(saved):
     weights = load_file(saved / "model.safetensors")
-    del weights["edge_embedder.mlp.0.bias"]
+    del weights["edge_embedder.edge_embedder.0.bias"]
     weights["extra.head.weight"] = torch.zeros(2)
     save_file(weights, saved / "model.safetensors")
     assert load_problems(saved) == [
-        "tensor edge_embedder.mlp.0.bias: missing from model.safetensors",
+        "tensor edge_embedder.edge_embedder.0.bias: missing from model.safetensors",
         "tensor extra.head.weight: unexpected in model.safetensors",
     ]
 
@@ -336,3 +336,20 @@ def test_load_from_explicit_cache_dir(saved, tmp_path):
         IPAEncoder.from_pretrained(
             "org/bindrae-ipa", revision="v2", cache_dir=tmp_path / "cache", local_files_only=True
         )
+
+
+def test_format_version_1_exports_still_load(saved, tmp_path):
+    """Version 1 named the edge MLP ``edge_embedder.mlp.*``; such an export loads to the same model."""
+    old = tmp_path / "v1"
+    old.mkdir()
+    weights = load_file(saved / "model.safetensors")
+    renamed = {k.replace("edge_embedder.edge_embedder.", "edge_embedder.mlp."): v for k, v in weights.items()}
+    assert renamed.keys() != weights.keys()
+    save_file(renamed, old / "model.safetensors", metadata={"format": "pt", "architecture": "IPAEncoder"})
+    config = json.loads((saved / "config.json").read_text()) | {"format_version": 1}
+    (old / "config.json").write_text(json.dumps(config))
+    current, legacy = IPAEncoder.from_pretrained(saved), IPAEncoder.from_pretrained(old)
+    assert all(torch.equal(a, legacy.state_dict()[k]) for k, a in current.state_dict().items())
+    with pytest.raises(ConfigCompatibilityError, match=r"tensor edge_embedder\.edge_embedder\.0\.bias: missing"):
+        (old / "config.json").write_text(json.dumps(config | {"format_version": 2}))
+        IPAEncoder.from_pretrained(old)

@@ -9,8 +9,8 @@ from conftest import random_rotation
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipa_export import frames
-from ipa_export.stack import scale_update
+from ipa_export.model import frames
+from ipa_export.model.stack import scale_update
 
 vectors = st.lists(st.floats(-3.0, 3.0), min_size=3, max_size=3)
 

@@ -7,8 +7,8 @@ import torch
 from conftest import CHECKPOINT, assert_close_at, load_golden
 
 from ipa_export import EncoderConfig, IPAEncoder, create_edge_embedder, create_flashipa_module
-from ipa_export.adapter import load_stage1_state_dict
-from ipa_export.layout import checkpoint_to_encoder, encoder_to_checkpoint
+from ipa_export.bindrae.adapter import load_stage1_state_dict
+from ipa_export.bindrae.keys import checkpoint_to_encoder, encoder_to_checkpoint
 
 
 def adapter_modules(case, attention: str):

@@ -10,8 +10,8 @@ from conftest import make_encoder, random_chain, random_rotation, tiny_config
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from ipa_export.edge_embedder import DISTOGRAM_MAX, DISTOGRAM_MIN
-from ipa_export.knn import knn
+from ipa_export.model.edge_embedder import DISTOGRAM_MAX, DISTOGRAM_MIN
+from ipa_export.model.knn import knn
 
 # fp32 tolerance for chains centred near the origin (|x| <~ 40 A), outputs of order 1:
 # |moved - original| <= 1e-4 + 1e-4 |original|.

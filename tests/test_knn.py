@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import random_chain
 
-from ipa_export.knn import knn
+from ipa_export.model.knn import knn
 
 
 def brute_force(coords: torch.Tensor, mask: torch.Tensor, k: int):

@@ -13,7 +13,11 @@ ROOT = Path(__file__).parents[1]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[f"example{i}" for i in range(len(BLOCKS))])
+# Examples that compile (torch.compile takes minutes on a small CPU) run with the slow tests.
+PARAMS = [pytest.param(b, marks=[pytest.mark.slow] if "compile=True" in b else []) for b in BLOCKS]
+
+
+@pytest.mark.parametrize("block", PARAMS, ids=[f"example{i}" for i in range(len(BLOCKS))])
 def test_readme_example(block, monkeypatch):
     lines = block.splitlines()
     # A comment line right after a print(...) line states that print's output.

@@ -1,4 +1,4 @@
-"""Tests for ipa_export.structure against real PDB files in tests/data/structures.
+"""Tests for ipa_export.structures.reader against real PDB files in tests/data/structures.
 
 Expected values come from the files themselves (plain-text scans of ATOM records), from
 known facts about the proteins, or from textbook backbone geometry, never from the reader.
@@ -17,7 +17,7 @@ import torch
 
 gemmi = pytest.importorskip("gemmi")
 
-from ipa_export.structure import RESIDUE_TYPES, Backbone, read_backbone  # noqa: E402
+from ipa_export.structures.reader import RESIDUE_TYPES, Backbone, read_backbone  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "structures"
 FILES = ["1ahsA.pdb.gz", "4ake_adk_open.pdb.gz", "6kwc_openfold_pred.pdb.gz", "3a4rA.pdb.gz"]
@@ -196,7 +196,7 @@ def test_missing_backbone_atom_is_skipped_with_warning(tmp_path: Path, caplog) -
     victim_id = f"A:{victim.seqid.num}"
     victim.remove_atom("CA", "\0")
     path = write_pdb(st, tmp_path / "missing_ca.pdb")
-    with caplog.at_level(logging.WARNING, logger="ipa_export.structure"):
+    with caplog.at_level(logging.WARNING, logger="ipa_export.structures.reader"):
         bb = read_backbone(path)
     assert len(bb.residue_ids) == n_res - 1 and victim_id not in bb.residue_ids
     assert any(victim_id in rec.getMessage() for rec in caplog.records)

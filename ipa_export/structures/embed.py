@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +11,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__, frames
-from .encoder import IPAEncoder
-from .export import make_shareable
-from .structure import Backbone, read_backbone
+from .._version import __version__
+from ..export.files import atomic_file
+from ..model import frames
+from ..model.encoder import IPAEncoder
+from .reader import Backbone, read_backbone
 
 
 @dataclass(frozen=True)
@@ -120,15 +120,8 @@ def _run(
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        make_shareable(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _stem(path: Path) -> str:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from ..config import EncoderConfig
+from ..export.pretrained import ExportMixin
 from .attention import resolve_backend
-from .config import EncoderConfig
+from .compiling import compile_pretrained
 from .edge_embedder import EdgeEmbedder
-from .export import ExportMixin
 from .frames import Frames, identity_rotations
 from .stack import FlashIPAStack
 from .validation import check_structure_inputs
@@ -36,6 +38,8 @@ class IPAEncoder(ExportMixin, nn.Module):
     ((1, 20, 64), (1, 20, 2, 32))
     """
 
+    config_class = EncoderConfig
+
     def __init__(self, config: EncoderConfig | None = None, **overrides: Any):
         super().__init__()
         self.config = config = (config or EncoderConfig()).replace(**overrides)
@@ -43,6 +47,33 @@ class IPAEncoder(ExportMixin, nn.Module):
         self.ipa_stack = FlashIPAStack(config)
         if config.num_residue_types:
             self.residue_embedding = nn.Embedding(config.num_residue_types, config.c_s)
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        attention: str | None = None,
+        compile: bool = False,
+        compile_cache: bool | str | os.PathLike = True,
+        **kwargs: Any,
+    ) -> IPAEncoder:
+        """Load a frozen encoder (``eval()``, no gradients) from an export directory or Hub repo id.
+
+        Takes the options of :meth:`ExportMixin.from_pretrained
+        <ipa_export.export.pretrained.ExportMixin.from_pretrained>` (``revision``, ``cache_dir``,
+        ``local_files_only``, ``token``, ``device``, ``dtype``, ``expected``), and:
+        ``attention`` overrides the stored backend; ``compile=True`` returns
+        :func:`ipa_export.model.compiling.compile_encoder` (fullgraph, dynamic, one graph for all
+        batch sizes), after loading the compile cache ``compile_cache`` names (``True``: the
+        export's ``compile_cache/<torch version>-<device>.bin`` when present; a path: that
+        file; ``False``: none). A compile cache holds generated code: load only trusted ones.
+        """
+        overrides = {"attention": attention} if attention is not None else None
+        encoder = super().from_pretrained(path_or_repo_id, config_overrides=overrides, **kwargs)
+        if not compile:
+            return encoder
+        return compile_pretrained(encoder, encoder.export_directory, kwargs.get("device"), compile_cache)  # type: ignore[return-value]
 
     def attention_backend(self, device: torch.device | str | None = None) -> str:
         """The attention backend that ``config.attention`` resolves to on ``device``

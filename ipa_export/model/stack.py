@@ -11,8 +11,8 @@ import math
 import torch
 from torch import nn
 
+from ..config import EncoderConfig
 from . import frames
-from .config import EncoderConfig
 from .frames import Frames
 from .ipa import InvariantPointAttention
 

@@ -44,13 +44,14 @@ import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from ..export.files import atomic_file
 
 if TYPE_CHECKING:
     from .encoder import EncoderOutput, IPAEncoder
@@ -195,16 +196,8 @@ def save_compile_cache(path: str | os.PathLike) -> Any:
         log.info("no compile artifacts to save: call the compiled encoder first")
         return None
     data, info = saved
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # same directory: atomic rename
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
     log.info("saved compile cache %s (%d bytes)", path, len(data))
     return info
 

@@ -20,11 +20,23 @@ from typing import Any
 
 import torch
 
-from .adapter import create_edge_embedder, create_flashipa_module, load_stage1_state_dict
-from .config import ConfigCompatibilityError, EncoderConfig
-from .encoder import IPAEncoder
-from .export import atomic_directory, write_export, write_model_card
-from .layout import checkpoint_to_encoder
+from ..config import ConfigCompatibilityError, EncoderConfig
+from ..export.files import atomic_directory
+from ..export.format import expected_tensors, write_export, write_model_card
+from ..model.edge_embedder import EdgeEmbedder
+from ..model.encoder import IPAEncoder
+from ..model.frames import Frames, identity_rotations
+from ..model.stack import FlashIPAStack
+from .keys import (
+    ADAPTER_EDGE,
+    CONFIG_KEY,
+    STAGE1_EDGE,
+    STAGE1_IPA,
+    STATE_DICT_KEY,
+    checkpoint_name,
+    checkpoint_to_encoder,
+    stage1_modules,
+)
 
 PARITY_ATOL = 1e-5
 PARITY_LENGTH = 64
@@ -70,42 +82,42 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         ) from error
     except (RuntimeError, EOFError, OSError) as error:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
-    state, config = (data.get("model_state_dict"), data.get("config") or {}) if isinstance(data, dict) else (None, {})
+    state, config = (data.get(STATE_DICT_KEY), data.get(CONFIG_KEY) or {}) if isinstance(data, dict) else (None, {})
     if state is None and isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
         state = data
     if not isinstance(state, dict) or not isinstance(config, dict):
         raise ValueError(
             f"{path}: expected a dict with 'model_state_dict' (and optionally 'config'), or a bare state dict"
         )
-    modules = {k: v for k, v in state.items() if k.startswith(("edge_embedder.", "ipa_module."))}
+    modules = {k: v for k, v in state.items() if k.startswith((STAGE1_EDGE, STAGE1_IPA))}
     if not modules:
-        raise ValueError(f"{path}: no 'edge_embedder.*' or 'ipa_module.*' tensors in the state dict")
+        raise ValueError(f"{path}: no '{STAGE1_EDGE}*' or '{STAGE1_IPA}*' tensors in the state dict")
     return Checkpoint(modules, config, hashlib.sha256(path.read_bytes()).hexdigest(), path)
 
 
 def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any] | None = None) -> EncoderConfig:
     """Infer the encoder config from tensor shapes; the checkpoint's config and ``overrides``
     must agree with the shapes. Converted BINDRAE models use the reference frame-update clip."""
-    shapes = {k: tuple(v.shape) for k, v in checkpoint.state_dict.items()}
+    shapes = {k: tuple(v.shape) for k, v in checkpoint_to_encoder(checkpoint.state_dict).items()}
     overrides = dict(overrides or {})
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
-            raise ValueError(f"{checkpoint.path}: missing tensor {key!r}; cannot infer the config")
+            raise ValueError(f"{checkpoint.path}: missing tensor {checkpoint_name(key)!r}; cannot infer the config")
         return shapes[key]
 
-    edge, ipa = "edge_embedder.edge_embedder.", "ipa_module.ipa_blocks.0.ipa."
-    s_p_out, c_s = shape(edge + "linear_s_p.weight")
-    feat_dim = shape(edge + "linear_relpos.weight")[1]
+    ipa = "ipa_stack.ipa_blocks.0.ipa."
+    s_p_out, c_s = shape("edge_embedder.linear_s_p.weight")
+    feat_dim = shape("edge_embedder.linear_relpos.weight")[1]
     rank = s_p_out // (2 * feat_dim)
-    t_out, t_in = shape(edge + "linear_t_distogram.weight")
+    t_out, t_in = shape("edge_embedder.linear_t_distogram.weight")
     num_bins = t_out // (2 * rank)
     heads_c, _ = shape(ipa + "linear_q.weight")
     heads = shape(ipa + "linear_b.weight")[0]
     qk_points = shape(ipa + "linear_q_points.weight")[0] // (3 * heads)
     inferred = {
         "c_s": c_s,
-        "c_p": shape(edge + "edge_embedder.0.weight")[0],
+        "c_p": shape("edge_embedder.edge_embedder.0.weight")[0],
         "z_factor_rank": rank,
         "feat_dim": feat_dim,
         "num_bins": num_bins,
@@ -114,7 +126,7 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any] | None = N
         "c_hidden": heads_c // heads,
         "no_qk_points": qk_points,
         "no_v_points": shape(ipa + "linear_kv_points.weight")[0] // (3 * heads) - qk_points,
-        "depth": len({m.group(1) for k in shapes if (m := re.match(r"ipa_module\.ipa_blocks\.(\d+)\.", k))}),
+        "depth": len({m.group(1) for k in shapes if (m := re.match(r"ipa_stack\.ipa_blocks\.(\d+)\.", k))}),
     }
     problems = []
     stated = {CHECKPOINT_CONFIG_FIELDS[k]: v for k, v in checkpoint.config.items() if k in CHECKPOINT_CONFIG_FIELDS}
@@ -126,12 +138,14 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any] | None = N
         raise ConfigCompatibilityError(problems, context=f"checkpoint {checkpoint.path}")
     values = {"frame_update_clip": "reference", **stated, **overrides, **inferred}
     config = EncoderConfig.from_dict(values, require_all=False)
-    with torch.device("meta"):  # shapes only: allocate no weights
-        expected = {k: tuple(v.shape) for k, v in _source_modules(config, checkpoint.state_dict, load=False)[2].items()}
+    expected = {k: tuple(v) for k, v in expected_tensors(IPAEncoder, config).items()}
     mismatched = sorted(k for k in expected.keys() | shapes.keys() if expected.get(k) != shapes.get(k))
     if mismatched:
         raise ConfigCompatibilityError(
-            [f"tensor {k}: checkpoint {shapes.get(k)}, inferred config needs {expected.get(k)}" for k in mismatched],
+            [
+                f"tensor {checkpoint_name(k)}: checkpoint {shapes.get(k)}, inferred config needs {expected.get(k)}"
+                for k in mismatched
+            ],
             context=f"checkpoint {checkpoint.path}",
         )
     return config
@@ -183,10 +197,14 @@ def convert(
 
 
 def parity_check(state_dict: Mapping[str, torch.Tensor], export_dir: Path) -> float:
-    """Max abs difference between the reloaded export and the source modules (BINDRAE
-    adapter layout, loaded from the checkpoint's own keys) on a random protein."""
+    """Max abs difference between the reloaded export and the source modules (an EdgeEmbedder
+    and a FlashIPA stack loaded from the checkpoint's own Stage-1 keys, composed as BINDRAE
+    does) on a random protein."""
     encoder = IPAEncoder.from_pretrained(export_dir, attention="dense")
-    edge, module, _ = _source_modules(encoder.config.replace(attention="dense"), state_dict, load=True)
+    parts = stage1_modules(state_dict)
+    edge, stack = EdgeEmbedder(encoder.config), FlashIPAStack(encoder.config)
+    edge.load_state_dict({k.removeprefix(ADAPTER_EDGE): v for k, v in parts[STAGE1_EDGE].items()}, strict=True)
+    stack.load_state_dict(parts[STAGE1_IPA], strict=True)
     g = torch.Generator().manual_seed(0)
     node_embed = torch.randn(1, PARITY_LENGTH, encoder.config.c_s, generator=g)
     coords = torch.cumsum(
@@ -195,41 +213,14 @@ def parity_check(state_dict: Mapping[str, torch.Tensor], export_dir: Path) -> fl
     mask = torch.ones(1, PARITY_LENGTH, dtype=torch.bool)
     with torch.no_grad():
         out = encoder(node_embed, coords, mask)
-        edges = edge(node_embed, coords, mask)
-        s, (rotations, translations) = module(
-            node_embed, (torch.eye(3).expand(1, PARITY_LENGTH, 3, 3), coords), edges["z_f1"], edges["z_f2"], mask
-        )
+        z_f1, z_f2 = edge.eval()(node_embed, coords, mask)
+        rigid = Frames(identity_rotations(mask.shape), coords)
+        s, (rotations, translations) = stack.eval()(node_embed, rigid, z_f1, z_f2, mask, "dense")
     pairs = [
         (out.s, s),
         (out.rotations, rotations),
         (out.translations, translations),
-        (out.z_f1, edges["z_f1"]),
-        (out.z_f2, edges["z_f2"]),
+        (out.z_f1, z_f1),
+        (out.z_f2, z_f2),
     ]
     return max((a - b).abs().max().item() for a, b in pairs)
-
-
-def _source_modules(config: EncoderConfig, state_dict: Mapping[str, torch.Tensor], *, load: bool):
-    """BINDRAE adapter modules for ``config`` and their expected state dict (BINDRAE keys)."""
-    edge = create_edge_embedder(c_s=config.c_s, c_p=config.c_p, z_rank=config.z_factor_rank, feat_dim=config.feat_dim)
-    module = create_flashipa_module(
-        c_s=config.c_s,
-        c_z=config.c_p,
-        depth=config.depth,
-        c_hidden=config.c_hidden,
-        no_heads=config.no_heads,
-        no_qk_points=config.no_qk_points,
-        no_v_points=config.no_v_points,
-        z_factor_rank=config.z_factor_rank,
-        max_rot_update_deg=config.max_rot_update_deg,
-        max_trans_update=config.max_trans_update,
-        frame_update_clip=config.frame_update_clip,
-        attention=config.attention,
-    )
-    expected = {
-        **{f"edge_embedder.{k}": v for k, v in edge.state_dict().items()},
-        **{f"ipa_module.{k}": v for k, v in module.state_dict().items()},
-    }
-    if load:
-        load_stage1_state_dict(state_dict, edge, module)
-    return edge.eval(), module.eval(), expected

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import EncoderConfig
 from . import frames
 from .attention import ATTN_DTYPES, attend
-from .config import EncoderConfig
 
 POINT_NORM_EPS = 1e-8
 

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import layout
-from .attention import resolve_backend
-from .config import EncoderConfig
-from .edge_embedder import EdgeEmbedder
-from .frames import Frames
-from .stack import FlashIPAStack
-from .validation import Shapes, check_not_empty, check_structure_inputs, check_values
+from ..config import EncoderConfig
+from ..model.attention import resolve_backend
+from ..model.edge_embedder import EdgeEmbedder
+from ..model.frames import Frames
+from ..model.stack import FlashIPAStack
+from ..model.validation import Shapes, check_not_empty, check_structure_inputs, check_values
+from .keys import STAGE1_EDGE, STAGE1_IPA, stage1_modules
 
 
 @dataclass
@@ -78,9 +78,7 @@ class EdgeEmbedderAdapter(nn.Module):
     def __init__(self, config: ProjectEdgeConfig):
         super().__init__()
         self.config = config
-        self.edge_embedder = EdgeEmbedder(config.to_encoder_config())
-        self.register_state_dict_post_hook(_to_bindrae_keys)
-        self.register_load_state_dict_pre_hook(_from_bindrae_keys)
+        self.edge_embedder = EdgeEmbedder(config.to_encoder_config())  # BINDRAE's keys: edge_embedder.<flash_ipa>
 
     def forward(
         self,
@@ -148,23 +146,6 @@ def load_stage1_state_dict(
 ) -> None:
     """Load the ``edge_embedder.`` and ``ipa_module.`` parts of a BINDRAE Stage-1
     ``model_state_dict`` into the two adapter modules, strictly."""
-    for target, prefix in ((edge, "edge_embedder."), (module, "ipa_module.")):
-        target.load_state_dict(
-            {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}, strict=True
-        )
-
-
-def _to_bindrae_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        state_dict[_rename_below(key, prefix, reverse=True)] = state_dict.pop(key)
-
-
-def _from_bindrae_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        state_dict[_rename_below(key, prefix)] = state_dict.pop(key)
-
-
-def _rename_below(key: str, prefix: str, *, reverse: bool = False) -> str:
-    """Rename the part of ``key`` below ``prefix`` with :data:`layout.ADAPTER_EDGE_RULES`."""
-    local = key[len(prefix) :]
-    return prefix + (layout.rename(local, layout.ADAPTER_EDGE_RULES, reverse=reverse) or local)
+    parts = stage1_modules(state_dict)
+    edge.load_state_dict(parts[STAGE1_EDGE], strict=True)
+    module.load_state_dict(parts[STAGE1_IPA], strict=True)

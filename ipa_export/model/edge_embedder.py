@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .config import EncoderConfig
+from ..config import EncoderConfig
 from .knn import knn
 
 MAX_INDEX = 2056  # max_len of the sinusoidal index embedding
@@ -62,7 +62,7 @@ class EdgeEmbedder(nn.Module):
         self.linear_relpos = nn.Linear(f, 2 * r * 2 * f)
         self.linear_t_distogram = nn.Linear(self.k * (bins + f), 2 * r * bins)
         self.linear_sc_distogram = nn.Linear(self.k * (bins + f), 2 * r * bins)
-        self.mlp = nn.Sequential(
+        self.edge_embedder = nn.Sequential(  # flash_ipa's name for the MLP
             nn.Linear(3 * f + 2 * bins, config.c_p),
             nn.ReLU(),
             nn.Linear(config.c_p, config.c_p),
@@ -113,5 +113,5 @@ class EdgeEmbedder(nn.Module):
             ],
             dim=-1,
         )  # [B, N, 2, R, 3 feat_dim + 2 num_bins]
-        z = torch.where(node_mask[:, :, None, None, None], self.mlp(features), 0.0)
+        z = torch.where(node_mask[:, :, None, None, None], self.edge_embedder(features), 0.0)
         return z[:, :, 0], z[:, :, 1]

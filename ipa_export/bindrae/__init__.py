@@ -1,0 +1,1 @@
+"""BINDRAE compatibility: its adapter API, its state-dict names and checkpoint conversion."""

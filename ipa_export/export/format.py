@@ -1,0 +1,216 @@
+"""The export format: a Hugging Face model repository with ``config.json``,
+``model.safetensors`` and a ``README.md`` model card.
+
+``config.json``::
+
+    {"architecture": "IPAEncoder", "format_version": 2, "ipa_export_version": "0.2.0",
+     "dtype": "float32", "config": {<every config field>}}
+
+:func:`read_header` checks the config and the safetensors header against each other and
+against the model class before any weight is read, and reports every problem at once in a
+:class:`~ipa_export.config.ConfigCompatibilityError`. Functions here take the model class
+(``__name__`` is the architecture, ``config_class`` parses the config), so the format does not
+depend on any one model.
+
+Format versions: 2 names the edge MLP ``edge_embedder.edge_embedder.*`` (flash_ipa's name);
+version 1 called it ``edge_embedder.mlp.*`` and is read through :data:`V1_RENAMES`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .._version import __version__
+from ..config import ConfigCompatibilityError
+from .card import render_model_card
+
+FORMAT_VERSION = 2
+V1_RENAMES = (("edge_embedder.mlp.", "edge_embedder.edge_embedder."),)  #: (v1 prefix, v2 prefix)
+CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
+EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+@dataclass(frozen=True)
+class ExportHeader:
+    """What ``config.json`` and the safetensors header say, read without loading weights."""
+
+    directory: Path
+    config: Any  #: an instance of the model class's ``config_class``
+    dtype: str
+    format_version: int
+    writer_version: str
+    tensors: dict[str, tuple[list[int], str]]  # name -> (shape, safetensors dtype)
+    metadata: dict[str, str]
+
+    def renamed(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` (as stored) with this format version's names brought to the current ones."""
+        return state if self.format_version >= FORMAT_VERSION else {_v1_to_v2(k): v for k, v in state.items()}
+
+
+def write_export(
+    model: Any, directory: Path, *, provenance: Mapping[str, Any] | None = None, license: str = "apache-2.0"
+) -> dict[str, Any]:
+    """Write ``config.json``, ``model.safetensors`` and ``README.md`` of ``model`` (a module
+    with a ``config``) into an existing directory (no atomicity: see
+    :func:`ipa_export.export.files.atomic_directory`). Returns the config.json dict."""
+    architecture = type(model).__name__
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    dtypes = {str(v.dtype).removeprefix("torch.") for v in state.values()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
+        raise ValueError(f"weights: expected one dtype among {list(DTYPES)}, got {sorted(dtypes)}")
+    config_json = {
+        "architecture": architecture,
+        "format_version": FORMAT_VERSION,
+        "ipa_export_version": __version__,
+        "dtype": dtypes.pop(),
+        "config": model.config.to_dict(),
+    }
+    metadata = {"format": "pt", "architecture": architecture, "format_version": str(FORMAT_VERSION)}
+    save_file(state, directory / WEIGHTS_NAME, metadata=metadata)
+    (directory / CONFIG_NAME).write_text(json.dumps(config_json, indent=2) + "\n")
+    write_model_card(directory, provenance=provenance, license=license)
+    return config_json
+
+
+def write_model_card(
+    directory: Path, *, provenance: Mapping[str, Any] | None = None, license: str = "apache-2.0"
+) -> None:
+    """(Re)write ``README.md`` from the export's ``config.json`` and safetensors header."""
+    config_json = json.loads((directory / CONFIG_NAME).read_text())
+    tensors, _ = _read_safetensors_header(directory / WEIGHTS_NAME)
+    parameters = sum(math.prod(shape) for shape, _ in tensors.values())
+    card = render_model_card(config_json, num_parameters=parameters, provenance=provenance, license=license)
+    (directory / CARD_NAME).write_text(card)
+
+
+def read_header(
+    directory: str | os.PathLike, model_class: type, *, expected: Mapping[str, Any] | None = None
+) -> ExportHeader:
+    """Read and validate ``config.json`` and the safetensors header of an export of
+    ``model_class``, without loading weights.
+
+    Raises FileNotFoundError for a missing file, and one ConfigCompatibilityError listing
+    every incompatibility (architecture, format version, config fields and values, tensor
+    names, shapes and dtypes, and the caller's ``expected`` values).
+    """
+    directory = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name}: missing from the export")
+    try:
+        raw = json.loads((directory / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigCompatibilityError([f"{CONFIG_NAME}: not valid JSON ({error})"], context="export") from error
+    if not isinstance(raw, dict):
+        raise ConfigCompatibilityError(
+            [f"{CONFIG_NAME}: expected a JSON object, got {type(raw).__name__}"], context="export"
+        )
+    tensors, metadata = _read_safetensors_header(directory / WEIGHTS_NAME)
+
+    problems: list[str] = []
+    architecture = model_class.__name__
+    if raw.get("architecture") != architecture:
+        problems.append(f"architecture: expected {architecture!r}, got {raw.get('architecture')!r}")
+    version = raw.get("format_version")
+    writer = str(raw.get("ipa_export_version", "unknown"))
+    if not isinstance(version, int) or isinstance(version, bool):
+        problems.append(f"format_version: expected an integer, got {version!r}")
+    elif version > FORMAT_VERSION:
+        problems.append(
+            f"format_version: {version} is newer than this ipa_export {__version__} reads ({FORMAT_VERSION}); "
+            f"upgrade to ipa-export>={writer} (pip install -U 'ipa-export>={writer}')"
+        )
+    dtype = raw.get("dtype")
+    if dtype not in DTYPES:
+        problems.append(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+    config = None
+    fields = raw.get("config")
+    if not isinstance(fields, dict):
+        problems.append(f"config: expected an object of encoder config fields, got {type(fields).__name__}")
+    else:
+        try:
+            config = model_class.config_class.from_dict(fields)
+        except ConfigCompatibilityError as error:
+            problems += [f"config.{p}" for p in error.problems]
+    if config is not None:
+        problems += _expected_problems(config, expected or {})
+        if dtype in DTYPES:
+            stored = tensors if version != 1 else {_v1_to_v2(k): v for k, v in tensors.items()}
+            problems += _tensor_problems(model_class, config, _SAFETENSORS_DTYPES[dtype], stored)
+    if problems:
+        raise ConfigCompatibilityError(problems, context=f"export {directory}")
+    assert config is not None
+    return ExportHeader(directory, config, dtype, version, writer, tensors, metadata)
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a valid safetensors file ({error})") from error
+    return tensors, metadata
+
+
+def _expected_problems(config: Any, expected: Mapping[str, Any]) -> list[str]:
+    problems = []
+    values = config.to_dict()
+    for key, want in expected.items():
+        if key not in values:
+            problems.append(f"expected.{key}: unknown config field")
+        elif values[key] != want:
+            problems.append(f"{key}: the caller expects {want!r}, the export has {values[key]!r}")
+    return problems
+
+
+def expected_tensors(model_class: type, config: Any) -> dict[str, list[int]]:
+    """Name -> shape of every tensor a ``model_class(config)`` holds (built on the meta device:
+    nothing is allocated)."""
+    with torch.device("meta"):
+        return {k: list(v.shape) for k, v in model_class(config).state_dict().items()}
+
+
+def _v1_to_v2(key: str) -> str:
+    for old, new in V1_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def _tensor_problems(
+    model_class: type, config: Any, dtype: str, tensors: Mapping[str, tuple[list[int], str]]
+) -> list[str]:
+    """Compare the safetensors header with the tensors a model of ``config`` has."""
+    wanted = expected_tensors(model_class, config)
+    problems = [f"tensor {k}: missing from {WEIGHTS_NAME}" for k in wanted if k not in tensors]
+    problems += [f"tensor {k}: unexpected in {WEIGHTS_NAME}" for k in tensors if k not in wanted]
+    for key in wanted.keys() & tensors.keys():
+        shape, stored = tensors[key]
+        if shape != wanted[key]:
+            problems.append(f"tensor {key}: shape {shape} disagrees with the config, which needs {wanted[key]}")
+        if stored != dtype:
+            problems.append(f"tensor {key}: dtype {stored} disagrees with config dtype {dtype}")
+    return sorted(problems)
+
+
+def read_weights(header: ExportHeader, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The export's tensors (current names), read after :func:`read_header` accepted it."""
+    path = header.directory / WEIGHTS_NAME
+    try:
+        state = load_file(path, device=str(device))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: cannot read weights ({error})") from error
+    return header.renamed(state)

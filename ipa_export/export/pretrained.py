@@ -1,0 +1,87 @@
+"""``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` for any module with a config.
+
+A small contract, as in huggingface_hub's ``ModelHubMixin``: the class has a ``config``
+attribute, a ``config_class`` with ``to_dict``/``from_dict``, and is built by
+``cls(config)``. The architecture name written to ``config.json`` is the class name, and the
+tensors an export must hold are those of ``cls(config)`` built on the meta device.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from .files import atomic_directory
+from .format import read_header, read_weights, write_export
+from .hub import push_export, resolve_export
+
+T = TypeVar("T", bound="ExportMixin")
+
+
+class ExportMixin:
+    """Adds the export methods to an ``nn.Module`` subclass with ``config`` / ``config_class``."""
+
+    config_class: ClassVar[type]
+    config: Any
+
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        provenance: Mapping[str, Any] | None = None,
+        license: str = "apache-2.0",
+    ) -> Path:
+        """Write the export to ``directory`` atomically: into a temporary sibling first, then
+        renamed into place. An existing directory is replaced only with ``overwrite=True``.
+        ``provenance`` (source, sha256, date, ...) goes into the model card."""
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            write_export(self, tmp, provenance=provenance, license=license)
+        return Path(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls: type[T],
+        path_or_repo_id: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        expected: Mapping[str, Any] | None = None,
+        config_overrides: Mapping[str, Any] | None = None,
+    ) -> T:
+        """Load a frozen model (``eval()``, no gradients) from a local export directory or a
+        Hub repository id (resolved with huggingface_hub, offline from its cache when
+        ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``).
+
+        ``expected`` lists config values the caller was built for, e.g. ``{"c_s": 384}``;
+        ``config_overrides`` replaces stored config values that do not change the weights.
+        The export's directory is kept as ``model.export_directory``.
+        """
+        directory = resolve_export(
+            path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+        )
+        header = read_header(directory, cls, expected=expected)
+        config = header.config.replace(**config_overrides) if config_overrides else header.config
+        with torch.device("meta"):
+            model = cls(config)  # type: ignore[call-arg]
+        model.load_state_dict(read_weights(header, device or "cpu"), strict=True, assign=True)  # type: ignore[attr-defined]
+        if dtype is not None:
+            model.to(dtype)  # type: ignore[attr-defined]
+        model.eval().requires_grad_(False)  # type: ignore[attr-defined]
+        model.export_directory = directory
+        return model
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Save to a temporary directory and upload it; see :func:`~ipa_export.export.hub.push_export`."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(Path(tmp) / "export")
+            return push_export(Path(tmp) / "export", repo_id, type(self), **kwargs)

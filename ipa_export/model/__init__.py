@@ -1,0 +1,1 @@
+"""The encoder: frames, kNN, edge embedder, attention, IPA, the stack, and compilation."""

@@ -1,0 +1,1 @@
+"""Protein structures in, embeddings out: backbone reading and embedding with an export."""
