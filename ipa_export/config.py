@@ -9,8 +9,10 @@ from typing import Any, Literal
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn", "dense")
 ATTN_DTYPES = ("fp32", "bf16", "fp16")
-EDGE_MODES = ("flash_1d_bias", "flash_no_bias")
+EDGE_MODES = ("flash_1d_bias", "flash_no_bias", "flash_2d_factorize_bias")
 FRAME_UPDATE_CLIPS = ("reference", "clip")
+#: fields added after format_version 2 was released: a config without them gets their defaults
+ADDED_FIELDS = ("max_len",)
 
 
 class ConfigCompatibilityError(ValueError):
@@ -33,10 +35,13 @@ class EncoderConfig:
     c_s: int = 384  #: width of the node (single) representation
     c_p: int = 128  #: width of each edge factor; the IPA's c_z
     z_factor_rank: int = 2  #: rank R of the factorised pair bias (0 with mode "flash_no_bias")
-    mode: Literal["flash_1d_bias", "flash_no_bias"] = "flash_1d_bias"
+    #: flash_ipa's edge mode: kNN factors ("flash_1d_bias"), no pair bias ("flash_no_bias"), or
+    #: dense [N, N] pair features factorised to rank R ("flash_2d_factorize_bias", needs max_len)
+    mode: Literal["flash_1d_bias", "flash_no_bias", "flash_2d_factorize_bias"] = "flash_1d_bias"
     feat_dim: int = 64  #: width of the sin/cos index embeddings
     knn_k: int = 10  #: neighbours per residue in the distogram features
     num_bins: int = 22  #: distogram bins between 1e-3 and 20 Angstrom
+    max_len: int = 0  #: longest protein of mode "flash_2d_factorize_bias" (its factoriser's width); else 0
     # FlashIPA stack
     c_hidden: int = 128  #: per-head scalar width; hidden width of the frame-update head
     no_heads: int = 8
@@ -77,6 +82,12 @@ class EncoderConfig:
                 + ("z_factor_rank 0" if self.mode == "flash_no_bias" else "z_factor_rank >= 1")
                 + f", got {self.z_factor_rank}"
             )
+        if (self.mode == "flash_2d_factorize_bias") != (self.max_len > 0) or self.max_len < 0:
+            p.append(
+                f"max_len: mode {self.mode!r} needs "
+                + ("max_len >= 1" if self.mode == "flash_2d_factorize_bias" else "max_len 0")
+                + f", got {self.max_len}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             p.append(f"dropout: must be in [0, 1), got {self.dropout}")
         for name in ("max_rot_update_deg", "max_trans_update"):
@@ -94,7 +105,7 @@ class EncoderConfig:
         """Build from a mapping, reporting unknown, missing and mistyped fields together."""
         problems = [f"{k}: unknown field" for k in data if k not in _FIELDS]
         if require_all:
-            problems += [f"{k}: missing field" for k in _FIELDS if k not in data]
+            problems += [f"{k}: missing field" for k in _FIELDS if k not in data and k not in ADDED_FIELDS]
         problems += _type_problems({k: v for k, v in data.items() if k in _FIELDS})
         if problems:
             raise ConfigCompatibilityError(problems)

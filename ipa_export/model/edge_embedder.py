@@ -37,6 +37,19 @@ def distogram(distances: torch.Tensor, num_bins: int) -> torch.Tensor:
     return ((d > lower) & (d < upper)).float()
 
 
+def edge_mlp(config: EncoderConfig) -> nn.Sequential:
+    """flash_ipa's edge MLP, shared by every edge mode: [..., 3 feat_dim + 2 num_bins] -> [..., c_p]."""
+    c_p = config.c_p
+    return nn.Sequential(
+        nn.Linear(3 * config.feat_dim + 2 * config.num_bins, c_p),
+        nn.ReLU(),
+        nn.Linear(c_p, c_p),
+        nn.ReLU(),
+        nn.Linear(c_p, c_p),
+        nn.LayerNorm(c_p),
+    )
+
+
 class EdgeEmbedder(nn.Module):
     """Node embeddings and C-alpha coordinates to edge factors ``z_f1, z_f2`` [B, N, R, c_p].
 
@@ -62,14 +75,7 @@ class EdgeEmbedder(nn.Module):
         self.linear_relpos = nn.Linear(f, 2 * r * 2 * f)
         self.linear_t_distogram = nn.Linear(self.k * (bins + f), 2 * r * bins)
         self.linear_sc_distogram = nn.Linear(self.k * (bins + f), 2 * r * bins)
-        self.edge_embedder = nn.Sequential(  # flash_ipa's name for the MLP
-            nn.Linear(3 * f + 2 * bins, config.c_p),
-            nn.ReLU(),
-            nn.Linear(config.c_p, config.c_p),
-            nn.ReLU(),
-            nn.Linear(config.c_p, config.c_p),
-            nn.LayerNorm(config.c_p),
-        )
+        self.edge_embedder = edge_mlp(config)  # flash_ipa's name for the MLP
 
     def _neighbour_features(self, coords: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, N, k * (num_bins + feat_dim)]: per neighbour, nearest first, its distogram

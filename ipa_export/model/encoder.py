@@ -14,6 +14,7 @@ from .attention import resolve_backend
 from .compiling import compile_pretrained
 from .edge_embedder import EdgeEmbedder
 from .frames import Frames, identity_rotations
+from .pair_features import FactorizedPairEmbedder
 from .stack import FlashIPAStack
 from .validation import check_structure_inputs
 
@@ -43,7 +44,8 @@ class IPAEncoder(ExportMixin, nn.Module):
     def __init__(self, config: EncoderConfig | None = None, **overrides: Any):
         super().__init__()
         self.config = config = (config or EncoderConfig()).replace(**overrides)
-        self.edge_embedder = EdgeEmbedder(config)
+        factorized = config.mode == "flash_2d_factorize_bias"
+        self.edge_embedder = FactorizedPairEmbedder(config) if factorized else EdgeEmbedder(config)
         self.ipa_stack = FlashIPAStack(config)
         if config.num_residue_types:
             self.residue_embedding = nn.Embedding(config.num_residue_types, config.c_s)

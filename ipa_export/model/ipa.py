@@ -29,6 +29,7 @@ from torch import nn
 from ..config import EncoderConfig
 from . import frames
 from .attention import ATTN_DTYPES, attend
+from .pair_attention import attend_with_pair
 
 POINT_NORM_EPS = 1e-8
 
@@ -42,18 +43,23 @@ def masked_centroid(translations: torch.Tensor, mask: torch.Tensor) -> torch.Ten
 class InvariantPointAttention(nn.Module):
     """Parameter names and layouts follow flash_ipa's ``InvariantPointAttention``."""
 
-    def __init__(self, config: EncoderConfig):
+    def __init__(self, config: EncoderConfig, c_z: int | None = None):
+        """``c_z``: width of the pair input; default ``config.c_p``, or 0 (no ``linear_b`` and
+        ``down_z``, as flash_ipa without a pair term) when ``config.z_factor_rank`` is 0."""
         super().__init__()
-        c_s, c_z, hidden, heads = config.c_s, config.c_p, config.c_hidden, config.no_heads
-        self.c_hidden, self.heads, self.rank = hidden, heads, config.z_factor_rank
+        c_z = (config.c_p if config.z_factor_rank else 0) if c_z is None else c_z
+        c_s, hidden, heads = config.c_s, config.c_hidden, config.no_heads
+        self.c_z = c_z
+        self.c_hidden, self.heads = hidden, heads
         self.qk_points, self.v_points = config.no_qk_points, config.no_v_points
         self.attn_dtype = ATTN_DTYPES[config.attn_dtype]
         self.linear_q = nn.Linear(c_s, heads * hidden)
         self.linear_kv = nn.Linear(c_s, 2 * heads * hidden)
         self.linear_q_points = nn.Linear(c_s, heads * self.qk_points * 3)
         self.linear_kv_points = nn.Linear(c_s, heads * (self.qk_points + self.v_points) * 3)
-        self.linear_b = nn.Linear(c_z, heads)
-        self.down_z = nn.Linear(c_z, c_z // 4)
+        if c_z:
+            self.linear_b = nn.Linear(c_z, heads)
+            self.down_z = nn.Linear(c_z, c_z // 4)
         self.head_weights = nn.Parameter(torch.full((heads,), 0.541324854612918))  # softplus^-1(1)
         self.linear_out = nn.Linear(heads * (hidden + 4 * self.v_points + c_z // 4), c_s)
 
@@ -74,9 +80,12 @@ class InvariantPointAttention(nn.Module):
         z_f2: torch.Tensor,
         mask: torch.Tensor,
         backend: str,
+        pair: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """s [B, N, c_s]; frames [B, N, 3, 3] and [B, N, 3]; z_f1, z_f2 [B, N, R, c_z];
-        mask [B, N] bool; backend a resolved attention backend. Returns the update [B, N, c_s]."""
+        mask [B, N] bool; backend a resolved attention backend; pair [B, N, N, c_z] an optional
+        explicit pair representation (attended densely, see :mod:`.pair_attention`).
+        Returns the update [B, N, c_s]."""
         batch, length, _ = s.shape
         heads, hidden = self.heads, self.c_hidden
         rotations, translations = rotations.float(), translations.float()
@@ -88,9 +97,13 @@ class InvariantPointAttention(nn.Module):
         k_pts, v_pts = self._points(self.linear_kv_points, s, rotations, translations).split(
             [self.qk_points, self.v_points], dim=-2
         )
-        b1 = self.linear_b(z_f1).transpose(-1, -2)  # [B, N, H, R]
-        b2 = self.linear_b(z_f2).transpose(-1, -2)
-        pair_1, pair_2 = self.down_z(z_f1), self.down_z(z_f2)  # [B, N, R, c_z/4]
+        if self.c_z:
+            b1 = self.linear_b(z_f1).transpose(-1, -2)  # [B, N, H, R]
+            b2 = self.linear_b(z_f2).transpose(-1, -2)
+            pair_1, pair_2 = self.down_z(z_f1), self.down_z(z_f2)  # [B, N, R, c_z/4]
+        else:  # no pair term: rank-0 factors
+            b1 = b2 = s.new_zeros(batch, length, heads, 0)
+            pair_1 = pair_2 = s.new_zeros(batch, length, 0, 0)
 
         weight = F.softplus(self.head_weights.float()) * math.sqrt(1.0 / (3 * self.qk_points * 9.0 / 2))  # [H]
         weight = weight[:, None]
@@ -100,14 +113,21 @@ class InvariantPointAttention(nn.Module):
         v_aug = torch.cat([v, v_pts.flatten(-2), pair_2.flatten(-2)[:, :, None].expand(-1, -1, heads, -1)], dim=-1)
 
         dtype = self.attn_dtype
-        out = attend(*(x.transpose(1, 2).to(dtype) for x in (q_aug, k_aug, v_aug)), mask, backend)
+        if pair is None:
+            out = attend(*(x.transpose(1, 2).to(dtype) for x in (q_aug, k_aug, v_aug)), mask, backend)
+        else:
+            qkv = (x.transpose(1, 2) for x in (q_aug, k_aug, v_aug))
+            out, dense_pair = attend_with_pair(*qkv, mask, pair, self.linear_b, self.down_z)
         out = out.transpose(1, 2).float()  # [B, N, H, E_v]
 
-        o, o_pts, o_pair = out.split([hidden, 3 * self.v_points, self.rank * pair_2.shape[-1]], dim=-1)
+        rank = pair_2.shape[-2]
+        o, o_pts, o_pair = out.split([hidden, 3 * self.v_points, rank * pair_2.shape[-1]], dim=-1)
         o_pts = frames.invert_apply(
             rotations[:, :, None, None], translations[:, :, None, None], o_pts.unflatten(-1, (self.v_points, 3))
         )  # [B, N, H, P_v, 3], local frame
         o_pts_norm = torch.sqrt(o_pts.square().sum(-1) + POINT_NORM_EPS)  # [B, N, H, P_v]
-        o_pair = torch.einsum("bnrd,bnhrd->bnhd", pair_1.float(), o_pair.unflatten(-1, (self.rank, pair_1.shape[-1])))
+        o_pair = torch.einsum("bnrd,bnhrd->bnhd", pair_1.float(), o_pair.unflatten(-1, (rank, pair_1.shape[-1])))
+        if pair is not None:
+            o_pair = o_pair + dense_pair
         features = [o.flatten(2), *o_pts.flatten(2, 3).unbind(-1), o_pts_norm.flatten(2), o_pair.flatten(2)]
         return self.linear_out(torch.cat(features, dim=-1).to(s.dtype))

@@ -1,0 +1,204 @@
+"""flash_ipa's native API (ipa_export.flash_ipa): golden parity for every edge mode with
+flash_ipa's own state-dict keys loaded strictly, Rigid-like frames, padding invariance."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ipa_export import ConfigCompatibilityError, EncoderConfig, IPAEncoder
+from ipa_export.flash_ipa import EdgeEmbedder, EdgeEmbedderConfig, InvariantPointAttention, IPAConfig
+
+GOLDEN = Path(__file__).parent / "data" / "golden" / "native"
+MODES = ("flash_1d_bias", "flash_no_bias", "orig_2d_bias", "orig_no_bias", "flash_2d_factorize_bias")
+ATOL = 1e-4
+
+
+def load_case(mode: str) -> tuple[dict[str, torch.Tensor], EdgeEmbedder, InvariantPointAttention]:
+    """The golden tensors and the two native modules with the golden weights, loaded strictly."""
+    path = GOLDEN / f"native_{mode}.safetensors"
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    edge = EdgeEmbedder(EdgeEmbedderConfig(**json.loads(metadata["edge_config"]))).eval()
+    ipa = InvariantPointAttention(IPAConfig(**json.loads(metadata["ipa_config"]))).eval()
+    for module, prefix in ((edge, "weights.edge_embedder."), (ipa, "weights.ipa.")):
+        module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
+    return tensors, edge, ipa
+
+
+class Rotation:
+    """The part of flash_ipa's / OpenFold's Rotation that the IPA uses."""
+
+    def __init__(self, rot_mats: torch.Tensor):
+        self._rot_mats = rot_mats
+
+    def get_rot_mats(self) -> torch.Tensor:
+        return self._rot_mats
+
+
+class Rigid:
+    """The part of flash_ipa's / OpenFold's Rigid that the IPA uses."""
+
+    def __init__(self, rots: Rotation, trans: torch.Tensor):
+        self._rots, self._trans = rots, trans
+
+    def get_rots(self) -> Rotation:
+        return self._rots
+
+    def get_trans(self) -> torch.Tensor:
+        return self._trans
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_golden_parity_with_flash_ipa_keys(mode: str) -> None:
+    t, edge, ipa = load_case(mode)
+    node_embed, translations, rotations = t["inputs.node_embed"], t["inputs.translations"], t["inputs.rotations"]
+    node_mask = t["inputs.node_mask"]
+    with torch.no_grad():
+        edge_embed, z_f1, z_f2, edge_mask = edge(node_embed, translations, translations, node_mask)
+        s = ipa(node_embed, edge_embed, z_f1, z_f2, Rigid(Rotation(rotations), translations), node_mask.float())
+    torch.testing.assert_close(s, t["outputs.s"], atol=ATOL, rtol=0)
+    if "outputs.z_f1" in t:
+        torch.testing.assert_close(z_f1, t["outputs.z_f1"], atol=ATOL, rtol=0)
+        torch.testing.assert_close(z_f2, t["outputs.z_f2"], atol=ATOL, rtol=0)
+    else:
+        assert z_f1 is None and z_f2 is None
+    if "outputs.edge_embed" in t:
+        torch.testing.assert_close(edge_embed, t["outputs.edge_embed"], atol=ATOL, rtol=0)
+        assert edge_mask.shape == (1, 48, 48)
+    else:
+        assert edge_embed is None and edge_mask is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_dict_keys_are_flash_ipas(mode: str) -> None:
+    t, edge, ipa = load_case(mode)
+    for module, prefix in ((edge, "weights.edge_embedder."), (ipa, "weights.ipa.")):
+        golden = {k.removeprefix(prefix): tuple(v.shape) for k, v in t.items() if k.startswith(prefix)}
+        assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == golden
+
+
+def test_config_defaults_are_flash_ipas() -> None:
+    assert dataclasses.asdict(EdgeEmbedderConfig()) == {
+        "z_factor_rank": 2,
+        "single_bias_transition_n": 2,
+        "c_s": 256,
+        "c_p": 128,
+        "relpos_k": 64,
+        "use_rbf": True,
+        "num_rbf": 32,
+        "feat_dim": 64,
+        "num_bins": 22,
+        "self_condition": True,
+        "mode": "flash_1d_bias",
+        "k": 10,
+        "max_len": None,
+    }
+    assert dataclasses.asdict(IPAConfig()) == {
+        "use_flash_attn": True,
+        "attn_dtype": "bf16",
+        "use_packed": True,
+        "c_s": 256,
+        "c_z": 128,
+        "c_hidden": 128,
+        "no_heads": 8,
+        "z_factor_rank": 2,
+        "no_qk_points": 8,
+        "no_v_points": 12,
+        "seq_tfmr_num_heads": 4,
+        "seq_tfmr_num_layers": 2,
+        "num_blocks": 6,
+    }
+
+
+def test_rigid_pair_and_rigid_object_give_the_same_update() -> None:
+    t, edge, ipa = load_case("flash_1d_bias")
+    node_embed, translations, rotations = t["inputs.node_embed"], t["inputs.translations"], t["inputs.rotations"]
+    mask = t["inputs.node_mask"].bool()
+    with torch.no_grad():
+        _, z_f1, z_f2, _ = edge(node_embed, translations, translations, mask)
+        from_rigid = ipa(node_embed, None, z_f1, z_f2, Rigid(Rotation(rotations), translations), mask)
+        from_pair = ipa(node_embed, None, z_f1, z_f2, (rotations, translations), mask)
+    assert torch.equal(from_rigid, from_pair)
+    torch.testing.assert_close(from_pair, t["outputs.s"], atol=ATOL, rtol=0)
+    with pytest.raises(TypeError, match=r"r: expected a \(rotations, translations\) pair or a Rigid"):
+        ipa(node_embed, None, z_f1, z_f2, translations, mask)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padding_and_batch_neighbours_do_not_change_a_protein(mode: str) -> None:
+    """A protein alone and padded to 60 next to a longer protein: the same outputs at its
+    residues, zeros at its padding (flash_ipa's kNN lets padding into the neighbours)."""
+    t, edge, ipa = load_case(mode)
+    node_embed, translations, rotations = t["inputs.node_embed"], t["inputs.translations"], t["inputs.rotations"]
+    n, padded = node_embed.shape[1], 60
+    g = torch.Generator().manual_seed(0)
+    other = (torch.randn(1, padded, 64, generator=g), 30 * torch.randn(1, padded, 3, generator=g))
+
+    def pad(x: torch.Tensor, value: float) -> torch.Tensor:
+        filler = torch.full((1, padded - n, *x.shape[2:]), value)
+        return torch.cat([x, filler], dim=1)
+
+    batch_embed = torch.cat([pad(node_embed, 7.0), other[0]])
+    batch_trans = torch.cat([pad(translations, 1.0), other[1]])  # padding right on top of residue 0's neighbours
+    batch_rot = torch.cat([pad(rotations, 0.0), torch.eye(3).expand(1, padded, 3, 3)])
+    batch_mask = torch.ones(2, padded)
+    batch_mask[0, n:] = 0
+    with torch.no_grad():
+        single = run(edge, ipa, node_embed, translations, rotations, torch.ones(1, n))
+        batch = run(edge, ipa, batch_embed, batch_trans, batch_rot, batch_mask)
+    for name, a, b in zip(("edge_embed", "z_f1", "z_f2", "s"), single, batch, strict=True):
+        if a is None:
+            assert b is None
+            continue
+        b0 = b[0, :n, :n] if name == "edge_embed" else b[0, :n]
+        torch.testing.assert_close(b0, a[0], atol=1e-5, rtol=0, msg=f"{name} changed")
+        assert b[0, n:].abs().max() == 0, f"{name} not zero at padding"
+
+
+def run(edge, ipa, node_embed, translations, rotations, mask):  # type: ignore[no-untyped-def]
+    edge_embed, z_f1, z_f2, _ = edge(node_embed, translations, translations, mask)
+    s = ipa(node_embed, edge_embed, z_f1, z_f2, (rotations, translations), mask)
+    return edge_embed, z_f1, z_f2, s
+
+
+def test_encoder_factorize_mode_gives_flash_ipas_factors() -> None:
+    """IPAEncoder(mode="flash_2d_factorize_bias") holds flash_ipa's EdgeEmbedder keys under
+    ``edge_embedder.`` and makes the reference's factors."""
+    t, _, _ = load_case("flash_2d_factorize_bias")
+    config = EncoderConfig(
+        c_s=64, c_p=32, feat_dim=16, c_hidden=16, no_heads=4, no_qk_points=4, no_v_points=6, depth=1,
+        mode="flash_2d_factorize_bias", max_len=64, attention="dense",
+    )  # fmt: skip
+    encoder = IPAEncoder(config).eval()
+    edge_weights = {k.removeprefix("weights."): v for k, v in t.items() if k.startswith("weights.edge_embedder.")}
+    missing, unexpected = encoder.load_state_dict(edge_weights, strict=False)
+    assert not unexpected and all(k.startswith("ipa_stack.") for k in missing)
+    mask = t["inputs.node_mask"].bool()
+    with torch.no_grad():
+        out = encoder(t["inputs.node_embed"], t["inputs.translations"], mask, t["inputs.rotations"])
+    torch.testing.assert_close(out.z_f1, t["outputs.z_f1"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.z_f2, t["outputs.z_f2"], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="N = 65 residues exceeds the factoriser's max_len 64"):
+        encoder(torch.randn(1, 65, 64), torch.randn(1, 65, 3), torch.ones(1, 65, dtype=torch.bool))
+
+
+def test_max_len_is_required_by_the_factorize_mode_only() -> None:
+    with pytest.raises(
+        ConfigCompatibilityError, match="max_len: mode 'flash_2d_factorize_bias' needs max_len >= 1, got 0"
+    ):
+        EncoderConfig(mode="flash_2d_factorize_bias")
+    with pytest.raises(ConfigCompatibilityError, match="max_len: mode 'flash_1d_bias' needs max_len 0, got 64"):
+        EncoderConfig(max_len=64)
+    with pytest.raises(ValueError, match="max_len: mode 'flash_2d_factorize_bias' needs the longest protein length"):
+        EdgeEmbedder(EdgeEmbedderConfig(mode="flash_2d_factorize_bias"))
+    # a config written before max_len existed still reads, with the default
+    old = {k: v for k, v in EncoderConfig().to_dict().items() if k != "max_len"}
+    assert EncoderConfig.from_dict(old) == EncoderConfig()
