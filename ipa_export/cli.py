@@ -33,8 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ConfigCompatibilityError,
         ValueError,
         TypeError,
-        FileNotFoundError,
-        FileExistsError,
+        OSError,  # FileNotFoundError, FileExistsError, PermissionError, a full disk
         ImportError,
         RuntimeError,
     ) as error:

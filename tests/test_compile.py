@@ -35,9 +35,11 @@ _fresh_cache = getattr(torch._inductor.utils, "fresh_cache", None) or torch._ind
 
 
 @pytest.fixture(autouse=True)
-def fresh_compiler():
-    """Each test starts with no compiled code, zeroed counters and an empty Inductor cache
-    directory (so nothing leaks between tests or into the user's cache)."""
+def fresh_compiler(tmp_path, monkeypatch):
+    """Each test starts with no compiled code, zeroed counters, an empty Inductor cache
+    directory and an empty ipa_export cache (so nothing leaks between tests or into the
+    user's caches)."""
+    monkeypatch.setenv(compiling.CACHE_ENV, str(tmp_path / "user-cache"))
     torch._dynamo.reset()
     counters.clear()
     with _fresh_cache():
@@ -127,7 +129,8 @@ def test_compile_cache_round_trip(encoder, tmp_path, monkeypatch):
         first = IPAEncoder.from_pretrained(export, compile=True)(*args)
     cache = compile_cache_file(export, "cpu")
     info = save_compile_cache(cache)
-    assert info is not None and cache.is_file() and cache.parent.name == "compile_cache"
+    assert info is not None and cache.is_file() and cache.parent == tmp_path / "user-cache" / "compile"
+    assert cache.stat().st_mode & 0o777 == 0o600 and not (export / "compile_cache").exists()
     assert {"inductor", "aot_autograd"} <= set(info.artifacts)
 
     # A new "process": no compiled code, empty on-disk caches; only the file can help.
@@ -141,12 +144,14 @@ def test_compile_cache_round_trip(encoder, tmp_path, monkeypatch):
         assert torch.equal(getattr(first, name), getattr(second, name)), name
 
     loaded = []
-    monkeypatch.setattr(compiling, "load_compile_cache", loaded.append)
+    monkeypatch.setattr(compiling, "load_compile_cache", lambda path, trusted=False: loaded.append((path, trusted)))
     IPAEncoder.from_pretrained(export, compile=True, compile_cache=False)
-    IPAEncoder.from_pretrained(export, compile=True, compile_cache=tmp_path / "elsewhere.bin")
+    IPAEncoder.from_pretrained(
+        export, compile=True, compile_cache=tmp_path / "elsewhere.bin", trust_compile_cache=True
+    )
     cache.unlink()
-    IPAEncoder.from_pretrained(export, compile=True)  # the export's file, only when present
-    assert loaded == [tmp_path / "elsewhere.bin"]
+    IPAEncoder.from_pretrained(export, compile=True)  # this export's cache, only when present
+    assert loaded == [(tmp_path / "elsewhere.bin", True)]
 
 
 def test_invalid_inputs_raise_the_encoders_errors(encoder):
@@ -167,5 +172,5 @@ def test_compile_cache_errors(tmp_path, caplog):
         load_compile_cache(tmp_path / "missing.bin")
     (tmp_path / "junk.bin").write_bytes(b"not a cache")
     with caplog.at_level(logging.WARNING, logger="ipa_export.model.compiling"):
-        assert load_compile_cache(tmp_path / "junk.bin") is None
+        assert load_compile_cache(tmp_path / "junk.bin", trusted=True) is None
     assert "not a compile cache" in caplog.text

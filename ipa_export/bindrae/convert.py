@@ -21,8 +21,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigCompatibilityError, EncoderConfig
-from ..export.files import atomic_directory
-from ..export.format import expected_tensors, write_export, write_model_card
+from ..export.format import expected_tensors, write_export, write_model_card, writing_export
 from ..model.edge_embedder import EdgeEmbedder
 from ..model.encoder import IPAEncoder
 from ..model.frames import Frames, identity_rotations
@@ -181,7 +180,7 @@ def convert(
     }
     if note:
         provenance["note"] = note
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with writing_export(out, overwrite=overwrite, protect=[checkpoint.path]) as tmp:
         write_export(encoder, tmp, provenance=provenance, license=license)
         difference = parity_check(checkpoint.state_dict, tmp)
         if difference > PARITY_ATOL:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,15 @@ from safetensors.torch import load_file, save_file
 from .._version import __version__
 from ..config import ConfigCompatibilityError
 from .card import render_model_card
+from .files import atomic_directory
 
 FORMAT_VERSION = 2
 V1_RENAMES = (("edge_embedder.mlp.", "edge_embedder.edge_embedder."),)  #: (v1 prefix, v2 prefix)
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+#: What an export directory may hold: its files, and the compile caches ipa_export <= 0.2 kept
+#: there. An existing directory holding anything else is never replaced.
+EXPORT_NAMES = (*EXPORT_FILES, "compile_cache")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
@@ -59,6 +64,14 @@ class ExportHeader:
         return state if self.format_version >= FORMAT_VERSION else {_v1_to_v2(k): v for k, v in state.items()}
 
 
+def writing_export(
+    target: str | os.PathLike, *, overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()
+) -> AbstractContextManager[Path]:
+    """:func:`~ipa_export.export.files.atomic_directory` for an export: ``target`` must be new, an
+    empty directory, or an export (replaced only with ``overwrite``), and hold none of ``protect``."""
+    return atomic_directory(target, owned=EXPORT_NAMES, marker=CONFIG_NAME, overwrite=overwrite, protect=protect)
+
+
 def write_export(
     model: Any, directory: Path, *, provenance: Mapping[str, Any] | None = None, license: str = "apache-2.0"
 ) -> dict[str, Any]:
@@ -78,7 +91,10 @@ def write_export(
         "config": model.config.to_dict(),
     }
     metadata = {"format": "pt", "architecture": architecture, "format_version": str(FORMAT_VERSION)}
-    save_file(state, directory / WEIGHTS_NAME, metadata=metadata)
+    try:
+        save_file(state, directory / WEIGHTS_NAME, metadata=metadata)
+    except SafetensorError as error:  # the Rust writer's I/O errors (ENOSPC, EFBIG, EIO)
+        raise OSError(f"cannot write {WEIGHTS_NAME} ({error})") from error
     (directory / CONFIG_NAME).write_text(json.dumps(config_json, indent=2) + "\n")
     write_model_card(directory, provenance=provenance, license=license)
     return config_json

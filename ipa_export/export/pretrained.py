@@ -16,8 +16,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from .files import atomic_directory
-from .format import read_header, read_weights, write_export
+from .format import read_header, read_weights, write_export, writing_export
 from .hub import push_export, resolve_export
 
 T = TypeVar("T", bound="ExportMixin")
@@ -38,9 +37,11 @@ class ExportMixin:
         license: str = "apache-2.0",
     ) -> Path:
         """Write the export to ``directory`` atomically: into a temporary sibling first, then
-        renamed into place. An existing directory is replaced only with ``overwrite=True``.
-        ``provenance`` (source, sha256, date, ...) goes into the model card."""
-        with atomic_directory(directory, overwrite=overwrite) as tmp:
+        renamed into place. ``directory`` must be new or empty, or an export replaced only with
+        ``overwrite=True``; a directory holding anything else is never replaced. A concurrent
+        writer to the same directory fails (FileExistsError). ``provenance`` (source, sha256,
+        date, ...) goes into the model card."""
+        with writing_export(directory, overwrite=overwrite) as tmp:
             write_export(self, tmp, provenance=provenance, license=license)
         return Path(directory)
 

@@ -1,5 +1,5 @@
 """``torch.compile``-first inference: one compiled graph for every batch size and length,
-and a compile cache kept next to an export.
+and a compile cache kept in the user's own cache directory.
 
 :func:`compile_encoder` wraps an :class:`~ipa_export.IPAEncoder` in a
 :class:`CompiledEncoder`, which runs ``torch.compile(encoder, fullgraph=True,
@@ -22,13 +22,16 @@ see :data:`COMPILE_BOUND`. A different call signature (``rotations``/``trans_sc`
 rejects raise its own TypeError/ValueError, not Dynamo's ``Unsupported``.
 
 Compile cache: :func:`save_compile_cache` writes what this process compiled
-(``torch.compiler.save_cache_artifacts``) to a file, by convention
-``<export>/compile_cache/<torch version>-<device>.bin`` (:func:`compile_cache_file`);
-:func:`load_compile_cache` loads one in a new process before the first compiled call, which
-then skips AOTAutograd and Inductor's lowering and code generation (Dynamo still traces and,
-on CPU, the generated C++ is still built). ``IPAEncoder.from_pretrained(dir, compile=True)``
-loads the export's cache when present. A cache holds generated code that runs when used:
-load only caches you trust.
+(``torch.compiler.save_cache_artifacts``) to a file; :func:`load_compile_cache` loads one in
+a new process before the first compiled call, which then skips AOTAutograd and Inductor's
+lowering and code generation (Dynamo still traces and, on CPU, the generated C++ is still
+built). Loading a cache runs the code it holds (it is unpickled, and its entries are written
+into torch's caches), so caches are never read from an export or a Hub snapshot: they live
+in this package's per-user cache directory (:func:`cache_root`, private to the user),
+keyed by the export's content hash, the torch version and the device type
+(:func:`compile_cache_file`), and are written only by this machine.
+``IPAEncoder.from_pretrained(dir, compile=True)`` loads the one for its export when present.
+A file anywhere else is loaded only with ``trusted=True``.
 
 >>> encoder = IPAEncoder.from_pretrained("export", compile=True)   # doctest: +SKIP
 >>> with torch.inference_mode():                                    # doctest: +SKIP
@@ -39,6 +42,7 @@ load only caches you trust.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import logging
 import os
@@ -58,7 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COMPILE_CACHE_DIR = "compile_cache"  #: sub-directory of an export that holds compile caches
+CACHE_ENV = "IPA_EXPORT_CACHE"  #: environment variable naming the cache directory (see cache_root)
 BATCH_SHAPE_ID = "ipa_export.batch"  #: shape_id shared by every input's batch dimension
 
 
@@ -177,16 +181,34 @@ def compile_encoder(
     return CompiledEncoder(encoder, compiled)
 
 
+def cache_root() -> Path:
+    """This package's per-user cache directory: ``$IPA_EXPORT_CACHE``, else
+    ``$XDG_CACHE_HOME/ipa_export``, else ``~/.cache/ipa_export``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "ipa_export"
+
+
 def compile_cache_file(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Path:
-    """The conventional cache file of an export directory for this torch version and a
-    device type: ``<directory>/compile_cache/<torch version>-<device type>.bin``."""
+    """The compile cache of the export in ``directory`` for this torch version and a device
+    type: ``<cache_root()>/compile/<content hash>-torch<version>-<device type>.bin``, where the
+    content hash (sha256) covers the names and bytes of the export's files, so a cache
+    never serves another export, even one at the same path."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file():
+            digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
     version = re.sub(r"[^A-Za-z0-9.+_-]", "_", torch.__version__)
-    return Path(directory) / COMPILE_CACHE_DIR / f"{version}-{torch.device(device).type}.bin"
+    return cache_root() / "compile" / f"{digest.hexdigest()[:32]}-torch{version}-{torch.device(device).type}.bin"
 
 
 def save_compile_cache(path: str | os.PathLike) -> Any:
     """Write every compile artifact of this process so far to ``path`` (atomically,
-    creating parent directories). Returns torch's ``CacheInfo``, or ``None`` when there was
+    creating parent directories; readable by the user only), by convention
+    :func:`compile_cache_file`. Returns torch's ``CacheInfo``, or ``None`` when there was
     nothing to save or this torch has no ``torch.compiler.save_cache_artifacts``."""
     if not hasattr(torch.compiler, "save_cache_artifacts"):
         log.warning("torch %s has no torch.compiler.save_cache_artifacts: compile cache not saved", torch.__version__)
@@ -196,22 +218,27 @@ def save_compile_cache(path: str | os.PathLike) -> Any:
         log.info("no compile artifacts to save: call the compiled encoder first")
         return None
     data, info = saved
-    with atomic_file(path) as tmp:
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with atomic_file(path, private=True) as tmp:
         tmp.write_bytes(data)
     log.info("saved compile cache %s (%d bytes)", path, len(data))
     return info
 
 
-def load_compile_cache(path: str | os.PathLike) -> Any:
+def load_compile_cache(path: str | os.PathLike, *, trusted: bool = False) -> Any:
     """Load a file written by :func:`save_compile_cache` into this process's compile
     caches; call it before the first compiled call. Returns torch's ``CacheInfo``, or
     ``None`` if the file could not be used (logged) or this torch has no
     ``torch.compiler.load_cache_artifacts``. Raises FileNotFoundError if ``path`` is missing.
 
-    The cache holds generated code that runs when used: load only caches you trust."""
+    Loading runs the code the cache holds. A file in :func:`cache_root` is loaded only if
+    this user owns it and its directory and nobody else can write them; any other file only
+    with ``trusted=True`` (PermissionError otherwise): pass it only for a file you made."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no compile cache there")
+    _check_trusted(path, trusted)
     if not hasattr(torch.compiler, "load_cache_artifacts"):
         log.warning("torch %s has no torch.compiler.load_cache_artifacts: %s not loaded", torch.__version__, path)
         return None
@@ -224,18 +251,44 @@ def load_compile_cache(path: str | os.PathLike) -> Any:
     return info
 
 
+def _check_trusted(path: Path, trusted: bool) -> None:
+    """Refuse a cache outside :func:`cache_root` unless ``trusted``, and one inside it that
+    another user owns or can write."""
+    root = os.path.realpath(cache_root())
+    real = os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        if trusted:
+            return
+        raise PermissionError(
+            f"{path}: refusing to load a compile cache from outside this user's cache directory {root}: "
+            "loading one runs the code it holds. Pass trusted=True (from_pretrained: trust_compile_cache=True) "
+            "only for a file you made"
+        )
+    if hasattr(os, "getuid"):
+        for p in (real, os.path.dirname(real)):
+            status = os.stat(p)
+            if status.st_uid != os.getuid() or status.st_mode & 0o022:
+                raise PermissionError(
+                    f"{p}: refusing to load a compile cache that another user owns or can write "
+                    f"(owner uid {status.st_uid}, mode {status.st_mode & 0o777:o}); remove it"
+                )
+
+
 def compile_pretrained(
     encoder: IPAEncoder,
     directory: str | os.PathLike,
     device: str | torch.device | None,
     compile_cache: bool | str | os.PathLike,
+    trust_compile_cache: bool = False,
 ) -> CompiledEncoder:
     """What ``from_pretrained(..., compile=True)`` returns: load the compile cache
-    (``True``: the export's :func:`compile_cache_file` when present; a path: that file;
-    ``False``: none), then :func:`compile_encoder`."""
-    if compile_cache is not False:
-        explicit = compile_cache is not True
-        path = Path(compile_cache) if explicit else compile_cache_file(directory, device or "cpu")  # type: ignore[arg-type]
-        if explicit or path.is_file():
+    (``True``: this export's :func:`compile_cache_file` in the user's cache when present; a
+    path: that file, only with ``trust_compile_cache``; ``False``: none), then
+    :func:`compile_encoder`. Nothing in ``directory`` other than its files' bytes is used."""
+    if compile_cache is True:
+        path = compile_cache_file(directory, device or "cpu")
+        if path.is_file():
             load_compile_cache(path)
+    elif compile_cache is not False:
+        load_compile_cache(compile_cache, trusted=trust_compile_cache)  # type: ignore[arg-type]
     return compile_encoder(encoder)

@@ -58,6 +58,7 @@ class IPAEncoder(ExportMixin, nn.Module):
         attention: str | None = None,
         compile: bool = False,
         compile_cache: bool | str | os.PathLike = True,
+        trust_compile_cache: bool = False,
         **kwargs: Any,
     ) -> IPAEncoder:
         """Load a frozen encoder (``eval()``, no gradients) from an export directory or Hub repo id.
@@ -68,14 +69,18 @@ class IPAEncoder(ExportMixin, nn.Module):
         ``attention`` overrides the stored backend; ``compile=True`` returns
         :func:`ipa_export.model.compiling.compile_encoder` (fullgraph, dynamic, one graph for all
         batch sizes), after loading the compile cache ``compile_cache`` names (``True``: the
-        export's ``compile_cache/<torch version>-<device>.bin`` when present; a path: that
-        file; ``False``: none). A compile cache holds generated code: load only trusted ones.
+        one this machine saved for this export in the user's cache directory,
+        :func:`~ipa_export.model.compiling.compile_cache_file`, when present; ``False``: none;
+        a path: that file, only with ``trust_compile_cache=True``, since loading a compile cache
+        runs the code it holds). Nothing inside an export is ever loaded as a compile cache.
         """
         overrides = {"attention": attention} if attention is not None else None
         encoder = super().from_pretrained(path_or_repo_id, config_overrides=overrides, **kwargs)
         if not compile:
             return encoder
-        return compile_pretrained(encoder, encoder.export_directory, kwargs.get("device"), compile_cache)  # type: ignore[return-value]
+        return compile_pretrained(  # type: ignore[return-value]
+            encoder, encoder.export_directory, kwargs.get("device"), compile_cache, trust_compile_cache
+        )
 
     def attention_backend(self, device: torch.device | str | None = None) -> str:
         """The attention backend that ``config.attention`` resolves to on ``device``
