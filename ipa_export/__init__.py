@@ -10,6 +10,7 @@ from .bindrae.adapter import (
     create_flashipa_module,
 )
 from .config import ConfigCompatibilityError, EncoderConfig
+from .errors import FrozenModuleWarning
 from .model.edge_embedder import EdgeEmbedder
 from .model.encoder import EncoderOutput, IPAEncoder
 from .model.frames import Frames
@@ -24,6 +25,7 @@ __all__ = [
     "FlashIPAModule",
     "FlashIPAModuleConfig",
     "FlashIPAStack",
+    "FrozenModuleWarning",
     "Frames",
     "IPAEncoder",
     "ProjectEdgeConfig",

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from ..errors import FrozenModuleWarning
 from .format import read_header, read_weights, write_export, writing_export
 from .hub import push_export, resolve_export
 
@@ -23,10 +25,49 @@ T = TypeVar("T", bound="ExportMixin")
 
 
 class ExportMixin:
-    """Adds the export methods to an ``nn.Module`` subclass with ``config`` / ``config_class``."""
+    """Adds the export methods to an ``nn.Module`` subclass with ``config`` / ``config_class``,
+    and freezing: a frozen model (as ``from_pretrained`` returns it) stays in eval mode, without
+    gradients, even under its own or a parent's ``.train()``, until :meth:`unfreeze`."""
 
     config_class: ClassVar[type]
     config: Any
+    _frozen: bool = False
+    _warned_frozen: bool = False
+
+    @property
+    def is_frozen(self) -> bool:
+        """Whether ``.train()`` is ignored (see :meth:`freeze`)."""
+        return self._frozen
+
+    def freeze(self: T) -> T:
+        """Eval mode and ``requires_grad=False``; later ``.train()`` calls keep eval mode (and
+        warn once) until :meth:`unfreeze`. Returns ``self``."""
+        self._frozen = True
+        super().train(False)  # type: ignore[misc]
+        self.requires_grad_(False)  # type: ignore[attr-defined]
+        return self
+
+    def unfreeze(self: T) -> T:
+        """Undo :meth:`freeze`: gradients on, and ``.train()`` works again (the mode is left as it
+        is: call ``.train()`` to turn dropout on). Returns ``self``."""
+        self._frozen = False
+        self.requires_grad_(True)  # type: ignore[attr-defined]
+        return self
+
+    def train(self: T, mode: bool = True) -> T:
+        """``nn.Module.train``, except that a frozen model stays in eval mode (warning once)."""
+        if mode and self._frozen:
+            if not self._warned_frozen:
+                self._warned_frozen = True
+                warnings.warn(
+                    f"{type(self).__name__} is frozen (loaded with from_pretrained): .train() keeps it in eval "
+                    "mode, dropout off and gradients off. To fine-tune it, call .unfreeze() first, or load it "
+                    "with from_pretrained(..., trainable=True)",
+                    FrozenModuleWarning,
+                    stacklevel=2,
+                )
+            mode = False
+        return super().train(mode)  # type: ignore[misc]
 
     def save_pretrained(
         self,
@@ -58,10 +99,12 @@ class ExportMixin:
         dtype: torch.dtype | None = None,
         expected: Mapping[str, Any] | None = None,
         config_overrides: Mapping[str, Any] | None = None,
+        trainable: bool = False,
     ) -> T:
-        """Load a frozen model (``eval()``, no gradients) from a local export directory or a
-        Hub repository id (resolved with huggingface_hub, offline from its cache when
-        ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``).
+        """Load a frozen model (eval mode, no gradients, see :meth:`freeze`) from a local export
+        directory or a Hub repository id (resolved with huggingface_hub, offline from its cache
+        when ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``). ``trainable=True`` loads it
+        unfrozen instead (eval mode, gradients on: call ``.train()`` to fine-tune).
 
         ``expected`` lists config values the caller was built for, e.g. ``{"c_s": 384}``;
         ``config_overrides`` replaces stored config values that do not change the weights.
@@ -77,7 +120,10 @@ class ExportMixin:
         model.load_state_dict(read_weights(header, device or "cpu"), strict=True, assign=True)  # type: ignore[attr-defined]
         if dtype is not None:
             model.to(dtype)  # type: ignore[attr-defined]
-        model.eval().requires_grad_(False)  # type: ignore[attr-defined]
+        if trainable:
+            model.eval().requires_grad_(True)  # type: ignore[attr-defined]
+        else:
+            model.freeze()
         model.export_directory = directory
         return model
 

@@ -1,0 +1,84 @@
+"""A loaded encoder is frozen: it stays in eval mode without gradients under its own or a
+parent's ``.train()`` (warning once) until ``unfreeze()``; ``freeze()`` goes back."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import make_encoder, random_chain, tiny_config
+
+from ipa_export import FrozenModuleWarning, IPAEncoder
+
+B, N = 2, 30
+
+
+@pytest.fixture
+def export(tmp_path):
+    make_encoder(tiny_config(dropout=0.5)).save_pretrained(tmp_path / "export")
+    return tmp_path / "export"
+
+
+def two_calls(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s`` of two calls on the same inputs (the same in eval mode, different with dropout)."""
+    g = torch.Generator().manual_seed(0)
+    x, ca = torch.randn(B, N, 32, generator=g), torch.stack([random_chain(N, g) for _ in range(B)])
+    mask = torch.ones(B, N, dtype=torch.bool)
+    with torch.no_grad():
+        return module(x, ca, mask).s, module(x, ca, mask).s
+
+
+def test_train_on_a_loaded_encoder_warns_once_and_keeps_eval_mode(export):
+    encoder = IPAEncoder.from_pretrained(export)
+    assert encoder.is_frozen and not encoder.training
+    with pytest.warns(FrozenModuleWarning, match=r"is frozen .* call \.unfreeze\(\) .* trainable=True") as caught:
+        encoder.train()
+        encoder.train()
+    assert len(caught) == 1
+    assert not any(m.training for m in encoder.modules())
+    assert not any(p.requires_grad for p in encoder.parameters())
+    first, second = two_calls(encoder)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # dropout (p = 0.5) stays off
+
+
+def test_a_parents_train_does_not_unfreeze(export):
+    parent = torch.nn.ModuleDict({"encoder": IPAEncoder.from_pretrained(export), "head": torch.nn.Linear(32, 1)})
+    with pytest.warns(FrozenModuleWarning):
+        parent.train()
+    assert parent.training and parent["head"].training
+    assert not any(m.training for m in parent["encoder"].modules())
+
+
+def test_unfreeze_then_freeze_again(export):
+    encoder = IPAEncoder.from_pretrained(export)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FrozenModuleWarning)
+        encoder.unfreeze().train()
+    assert not encoder.is_frozen and all(m.training for m in encoder.modules())
+    assert all(p.requires_grad for p in encoder.parameters())
+    first, second = two_calls(encoder)
+    assert (first - second).abs().max() > 0.1  # dropout is on
+    encoder.freeze()
+    assert encoder.is_frozen and not any(m.training for m in encoder.modules())
+    assert not any(p.requires_grad for p in encoder.parameters())
+    with pytest.warns(FrozenModuleWarning):
+        encoder.train()
+    assert not encoder.training
+
+
+def test_trainable_load(export):
+    encoder = IPAEncoder.from_pretrained(export, trainable=True)
+    assert not encoder.is_frozen and not encoder.training and all(p.requires_grad for p in encoder.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FrozenModuleWarning)
+        encoder.train()
+    assert encoder.training
+
+
+def test_a_new_encoder_is_not_frozen():
+    encoder = IPAEncoder(tiny_config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FrozenModuleWarning)
+        encoder.train()
+    assert not encoder.is_frozen and encoder.training
