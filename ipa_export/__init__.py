@@ -12,7 +12,7 @@ from .bindrae.adapter import (
 from .config import ConfigCompatibilityError, EncoderConfig
 from .errors import FrozenModuleWarning
 from .model.edge_embedder import EdgeEmbedder
-from .model.encoder import EncoderOutput, IPAEncoder
+from .model.encoder import EncoderOutput, EncoderOutputWithHiddenStates, HiddenStates, IPAEncoder
 from .model.frames import Frames
 from .model.stack import FlashIPAStack
 
@@ -22,11 +22,13 @@ __all__ = [
     "EdgeEmbedderAdapter",
     "EncoderConfig",
     "EncoderOutput",
+    "EncoderOutputWithHiddenStates",
     "FlashIPAModule",
     "FlashIPAModuleConfig",
     "FlashIPAStack",
     "FrozenModuleWarning",
     "Frames",
+    "HiddenStates",
     "IPAEncoder",
     "ProjectEdgeConfig",
     "__version__",

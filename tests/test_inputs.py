@@ -48,7 +48,7 @@ CASES = {
     "node_embed int": (
         with_(node_embed=torch.ones(B, N, C_S, dtype=torch.long)),
         TypeError,
-        r"node_embed: expected dtype torch.float32 .*got torch.int64",
+        r"node_embed: expected a floating-point tensor, got torch.int64",
     ),
     "node_embed not a tensor": (with_(node_embed=[[0.0]]), TypeError, r"node_embed: expected a torch.Tensor, got list"),
     "translations last dim": (

@@ -17,8 +17,9 @@ floats that make Dynamo trace the model a second time on every compile.
 
 On torch versions whose ``mark_unbacked`` lacks ``min``/``shape_id`` the batch dimension is
 left as it is and the bound is plain ``dynamic=True``'s: two graphs (batch 1, batch >= 2),
-see :data:`COMPILE_BOUND`. A different call signature (``rotations``/``trans_sc`` given or
-``None``), dtype, device or grad mode compiles its own graph, as usual. Inputs the encoder
+see :data:`COMPILE_BOUND`. A different call signature (``rotations``, ``residue_index``,
+``chain_index`` given or ``None``, ``output_hidden_states``), dtype, device or grad mode compiles
+its own graph, as usual; a missing ``trans_sc`` is passed on as ``translations``. Inputs the encoder
 rejects raise its own TypeError/ValueError, not Dynamo's ``Unsupported``.
 
 Compile cache: :func:`save_compile_cache` writes what this process compiled
@@ -101,6 +102,15 @@ def _unbacked_batch(x: Any) -> Any:
     return alias
 
 
+def mark_batch_dynamic(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Aliases of ``tensors`` whose dimension 0 is marked as one shared unbacked batch size
+    (>= 1), for a caller's own ``torch.compile`` around a model that holds an encoder: pass
+    the aliases to the compiled model and every batch size, 1 included, shares one graph.
+    The tensors themselves are not modified; on torch versions that cannot mark it, they are
+    returned as they are (see :data:`COMPILE_BOUND`)."""
+    return tuple(_unbacked_batch(x) for x in tensors)
+
+
 def _compile_scope() -> contextlib.AbstractContextManager[Any]:
     """Dynamo settings for the duration of one call: float constants specialised."""
     if hasattr(torch._dynamo.config, "specialize_float"):
@@ -113,8 +123,11 @@ class CompiledEncoder(nn.Module):
     dynamic=True)`` with one graph for every batch size; made by :func:`compile_encoder`.
 
     Call it like the encoder. Other attributes (``config``, ``attention_backend``,
-    ``embed_residues``, ...) are the encoder's, and ``encoder`` is the encoder itself
-    (its parameters are this module's, under ``encoder.``). Each call sets
+    ``embed_residues``, ...) are the encoder's, and ``encoder`` is the encoder itself. Its
+    ``state_dict()`` has the encoder's keys (no ``encoder.`` prefix), so state dicts move
+    freely between a plain and a compiled encoder, or models holding either. A missing
+    ``trans_sc`` is passed on as ``translations``, so that calls with and without it share one
+    graph (at the cost of a second kNN search on the same coordinates). Each call sets
     ``torch._dynamo.config.specialize_float`` while it runs, process-wide: do not compile
     other code with a different setting in another thread at the same time.
     """
@@ -123,6 +136,8 @@ class CompiledEncoder(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.__dict__["_compiled"] = compiled  # not a submodule: the parameters are registered once
+        self.register_state_dict_post_hook(_drop_encoder_prefix)
+        self.register_load_state_dict_pre_hook(_add_encoder_prefix)
 
     def forward(
         self,
@@ -131,20 +146,25 @@ class CompiledEncoder(nn.Module):
         node_mask: torch.Tensor,
         rotations: torch.Tensor | None = None,
         trans_sc: torch.Tensor | None = None,
+        residue_index: torch.Tensor | None = None,
+        chain_index: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
     ) -> EncoderOutput:
         """As :meth:`IPAEncoder.forward <ipa_export.IPAEncoder.forward>`."""
-        args = (node_embed, translations, node_mask, rotations, trans_sc)
+        tensors = (node_embed, translations, node_mask, rotations, trans_sc, residue_index, chain_index)
         if torch.compiler.is_compiling():  # inside a caller's torch.compile: just trace the encoder
-            return self.encoder(*args)
-        batches = {a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim() > 0}
-        marked = tuple(_unbacked_batch(a) for a in args) if len(batches) == 1 else args
+            return self.encoder(*tensors, output_hidden_states)
+        if trans_sc is None and isinstance(translations, torch.Tensor):
+            tensors = (*tensors[:4], translations, *tensors[5:])
+        batches = {a.shape[0] for a in tensors if isinstance(a, torch.Tensor) and a.dim() > 0}
+        marked = mark_batch_dynamic(*tensors) if len(batches) == 1 else tensors
         try:
             with _compile_scope():
-                return self._compiled(*marked)
+                return self._compiled(*marked, output_hidden_states)
         except torch._dynamo.exc.Unsupported:
             # Mostly the encoder rejecting its inputs while being traced: run it eagerly so that
             # its own error (TypeError, ValueError) is raised; if eager runs, re-raise.
-            self.encoder(*args)
+            self.encoder(*tensors, output_hidden_states)
             raise
 
     def __getattr__(self, name: str) -> Any:
@@ -155,6 +175,17 @@ class CompiledEncoder(nn.Module):
             if encoder is None or name.startswith("__"):
                 raise
             return getattr(encoder, name)
+
+
+def _drop_encoder_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    inner = prefix + "encoder."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+
+
+def _add_encoder_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "encoder.")]:
+        state_dict[prefix + "encoder." + key[len(prefix) :]] = state_dict.pop(key)
 
 
 def compile_encoder(

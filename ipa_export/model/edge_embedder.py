@@ -17,6 +17,7 @@ from ..config import EncoderConfig
 from .knn import knn
 
 MAX_INDEX = 2056  # max_len of the sinusoidal index embedding
+CHAIN_GAP = 200  #: positions left free between consecutive chains of one protein
 DISTOGRAM_MIN, DISTOGRAM_MAX = 1e-3, 20.0  # Angstrom
 
 
@@ -25,6 +26,37 @@ def index_embedding(indices: torch.Tensor, dim: int, max_len: int = MAX_INDEX) -
     k = torch.arange(dim // 2, device=indices.device)
     angles = indices[..., None] * math.pi / (max_len ** (2 * k / dim))
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def residue_positions(
+    node_mask: torch.Tensor, residue_index: torch.Tensor | None = None, chain_index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The positions the index embeddings see: [B, N] int64.
+
+    ``residue_index`` [B, N] int (default: the slot, ``arange(N)``) and ``chain_index`` [B, N]
+    int in ``[0, N)`` (default: one chain). Chains are laid out in the order of their ids,
+    each starting ``CHAIN_GAP`` positions after the previous one ends; within a chain the
+    position is the residue number minus the chain's smallest valid residue number. So
+    positions depend on residue numbers, never on slots or padding, and one chain with
+    residues numbered from its first valid slot gets ``0, 1, 2, ...`` (the reference's
+    positions). Padded positions get 0.
+    """
+    batch, length = node_mask.shape
+    if residue_index is None:
+        residue_index = torch.arange(length, device=node_mask.device).expand(batch, length)
+    residue_index = residue_index.long()
+    chain = torch.zeros_like(residue_index) if chain_index is None else torch.where(node_mask, chain_index.long(), 0)
+    big = torch.iinfo(torch.int64).max
+    lowest = residue_index.new_full((batch, length), big).scatter_reduce(
+        1, chain, torch.where(node_mask, residue_index, big), "amin"
+    )  # [B, chain id]
+    highest = residue_index.new_full((batch, length), -big).scatter_reduce(
+        1, chain, torch.where(node_mask, residue_index, -big), "amax"
+    )
+    extent = torch.where(lowest <= highest, highest - lowest + 1 + CHAIN_GAP, 0)
+    start = extent.cumsum(1) - extent
+    positions = residue_index - lowest.gather(1, chain) + start.gather(1, chain)
+    return torch.where(node_mask, positions, 0)
 
 
 def distogram(distances: torch.Tensor, num_bins: int) -> torch.Tensor:
@@ -77,12 +109,13 @@ class EdgeEmbedder(nn.Module):
         self.linear_sc_distogram = nn.Linear(self.k * (bins + f), 2 * r * bins)
         self.edge_embedder = edge_mlp(config)  # flash_ipa's name for the MLP
 
-    def _neighbour_features(self, coords: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _neighbour_features(self, coords: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[B, N, k * (num_bins + feat_dim)]: per neighbour, nearest first, its distogram
-        and the embedding of its absolute index."""
+        and the embedding of its position."""
         distances, indices = knn(coords, mask, self.k)  # [B, N, k]
         present = (indices >= 0)[..., None]
-        index_emb = index_embedding(indices.clamp(min=0), self.feat_dim) * present
+        neighbour_positions = positions.gather(1, indices.clamp(min=0).flatten(1)).view_as(indices)
+        index_emb = index_embedding(neighbour_positions, self.feat_dim) * present
         return torch.cat([distogram(distances, self.num_bins), index_emb], dim=-1).flatten(-2)
 
     def _factors(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,20 +128,24 @@ class EdgeEmbedder(nn.Module):
         translations: torch.Tensor,
         node_mask: torch.Tensor,
         trans_sc: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """node_embed [B, N, c_s], translations and trans_sc [B, N, 3] (Angstrom; trans_sc
-        defaults to translations), node_mask [B, N] bool -> z_f1, z_f2 [B, N, R, c_p]."""
+        defaults to translations), node_mask [B, N] bool, positions [B, N] int64 (see
+        :func:`residue_positions`; default the slots) -> z_f1, z_f2 [B, N, R, c_p]."""
         batch, length, _ = node_embed.shape
         if self.rank == 0:
             empty = node_embed.new_zeros(batch, length, 0, self.c_p)
             return empty, empty
+        if positions is None:
+            positions = torch.arange(length, device=node_embed.device).expand(batch, length)
         translations = torch.where(node_mask[..., None], translations.float(), 0.0)
-        t_features = self._neighbour_features(translations, node_mask)
+        t_features = self._neighbour_features(translations, node_mask, positions)
         if trans_sc is None:  # BINDRAE passes the C-alpha positions again: one kNN search serves both
             sc_features = t_features
         else:
-            sc_features = self._neighbour_features(torch.where(node_mask[..., None], trans_sc.float(), 0.0), node_mask)
-        positions = torch.arange(length, device=node_embed.device).expand(batch, length)
+            sc_t = torch.where(node_mask[..., None], trans_sc.float(), 0.0)
+            sc_features = self._neighbour_features(sc_t, node_mask, positions)
         dtype = node_embed.dtype  # geometry is computed in fp32, the layers run in the model's dtype
         features = torch.cat(
             [

@@ -12,22 +12,56 @@ from ..config import EncoderConfig
 from ..export.pretrained import ExportMixin
 from .attention import resolve_backend
 from .compiling import compile_pretrained
-from .edge_embedder import EdgeEmbedder
+from .edge_embedder import EdgeEmbedder, residue_positions
 from .frames import Frames, identity_rotations
 from .pair_features import FactorizedPairEmbedder
 from .stack import FlashIPAStack
-from .validation import check_structure_inputs
+from .validation import check_indices, check_structure_inputs
+
+
+def masked_mean(s: torch.Tensor, node_mask: torch.Tensor) -> torch.Tensor:
+    """[B, N, C], [B, N] bool -> [B, C]: the mean over each protein's valid residues."""
+    weights = node_mask[..., None].to(s.dtype)
+    return (s * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 class EncoderOutput(NamedTuple):
     """Per-residue outputs. Padded positions hold zeros (``s``, ``z_f1``, ``z_f2``,
-    ``translations``) and identity ``rotations``, whatever the inputs held there."""
+    ``translations``) and identity ``rotations``, whatever the inputs held there.
+
+    dtypes, with or without ``torch.autocast``: ``s``, ``z_f1``, ``z_f2`` in the encoder's
+    parameter dtype; ``rotations``, ``translations`` float32. Every tensor is contiguous."""
 
     s: torch.Tensor  #: [B, N, c_s] geometry-aware node embeddings
     rotations: torch.Tensor  #: [B, N, 3, 3] updated frame rotations
     translations: torch.Tensor  #: [B, N, 3] updated frame translations (Angstrom)
     z_f1: torch.Tensor  #: [B, N, R, c_p] first edge factor
     z_f2: torch.Tensor  #: [B, N, R, c_p] second edge factor
+
+    def pooled(self, node_mask: torch.Tensor) -> torch.Tensor:
+        """[B, c_s]: ``s`` averaged over each protein's valid residues (``node_mask`` [B, N])."""
+        return masked_mean(self.s, node_mask)
+
+
+class HiddenStates(NamedTuple):
+    """Per-block states, one entry per IPA block (padded positions as in the outputs)."""
+
+    s: tuple[torch.Tensor, ...]  #: [B, N, c_s] after each block; the last is ``s`` before the final norm
+    rotations: tuple[torch.Tensor, ...]  #: [B, N, 3, 3] frames after each block
+    translations: tuple[torch.Tensor, ...]  #: [B, N, 3] (Angstrom)
+
+
+class EncoderOutputWithHiddenStates(NamedTuple):
+    """:class:`EncoderOutput`'s fields, then ``hidden_states``; returned with ``output_hidden_states=True``."""
+
+    s: torch.Tensor
+    rotations: torch.Tensor
+    translations: torch.Tensor
+    z_f1: torch.Tensor
+    z_f2: torch.Tensor
+    hidden_states: HiddenStates
+
+    pooled = EncoderOutput.pooled
 
 
 class IPAEncoder(ExportMixin, nn.Module):
@@ -97,6 +131,11 @@ class IPAEncoder(ExportMixin, nn.Module):
             )
         return self.residue_embedding(aatype)
 
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        """Recompute each IPA block's activations in the backward pass instead of storing them
+        (less memory for training through the encoder, one more block forward per step)."""
+        self.ipa_stack.gradient_checkpointing = enable
+
     def forward(
         self,
         node_embed: torch.Tensor,
@@ -104,18 +143,41 @@ class IPAEncoder(ExportMixin, nn.Module):
         node_mask: torch.Tensor,
         rotations: torch.Tensor | None = None,
         trans_sc: torch.Tensor | None = None,
-    ) -> EncoderOutput:
-        """node_embed [B, N, c_s]; translations [B, N, 3] C-alpha positions (Angstrom);
-        node_mask [B, N] bool; rotations [B, N, 3, 3] (default identity); trans_sc [B, N, 3]
-        (default translations)."""
-        dtype = self.ipa_stack.final_norm.weight.dtype
-        check_structure_inputs(
-            self.config.c_s, node_embed, translations, node_mask, rotations, trans_sc, embed_dtype=dtype
-        )
-        if rotations is None:
-            rotations = identity_rotations(node_mask.shape, device=translations.device)
+        residue_index: torch.Tensor | None = None,
+        chain_index: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> EncoderOutput | EncoderOutputWithHiddenStates:
+        """node_embed [B, N, c_s] (any float dtype; cast to the parameters'); translations
+        [B, N, 3] C-alpha positions (Angstrom); node_mask [B, N] bool; rotations [B, N, 3, 3]
+        (default identity); trans_sc [B, N, 3] (default translations); residue_index [B, N]
+        int residue numbers (default the slots) and chain_index [B, N] int chain ids in
+        [0, N) (default one chain) for the index features, see
+        :func:`~ipa_export.model.edge_embedder.residue_positions`.
 
-        backend = self.attention_backend(node_embed.device)
-        z_f1, z_f2 = self.edge_embedder(node_embed, translations, node_mask, trans_sc)
-        s, rigid = self.ipa_stack(node_embed, Frames(rotations, translations), z_f1, z_f2, node_mask, backend)
-        return EncoderOutput(torch.where(node_mask[..., None], s, 0.0), *rigid, z_f1, z_f2)
+        Runs with ``torch.autocast`` disabled: the encoder keeps its own dtype policy
+        (parameters' dtype for the layers, fp32 geometry, ``config.attn_dtype`` attention).
+        """
+        check_structure_inputs(self.config.c_s, node_embed, translations, node_mask, rotations, trans_sc)
+        check_indices(node_mask, residue_index, chain_index)
+        dtype = self.ipa_stack.final_norm.weight.dtype
+        with torch.autocast(node_embed.device.type, enabled=False):
+            node_embed = node_embed.to(dtype)
+            if rotations is None:
+                rotations = identity_rotations(node_mask.shape, device=translations.device)
+            positions = residue_positions(node_mask, residue_index, chain_index)
+            backend = self.attention_backend(node_embed.device)
+            z_f1, z_f2 = self.edge_embedder(node_embed, translations, node_mask, trans_sc, positions)
+            hidden: list[tuple[torch.Tensor, Frames]] | None = [] if output_hidden_states else None
+            s, rigid = self.ipa_stack(
+                node_embed, Frames(rotations, translations), z_f1, z_f2, node_mask, backend, hidden
+            )
+        valid = node_mask[..., None]
+        out = EncoderOutput(torch.where(valid, s, 0.0), *(x.contiguous() for x in (*rigid, z_f1, z_f2)))
+        if hidden is None:
+            return out
+        states = HiddenStates(
+            tuple(torch.where(valid, h, 0.0) for h, _ in hidden),
+            tuple(r.contiguous() for _, (r, _) in hidden),
+            tuple(t.contiguous() for _, (_, t) in hidden),
+        )
+        return EncoderOutputWithHiddenStates(*out, states)

@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import EncoderConfig
 from . import frames
@@ -103,22 +104,40 @@ def ignore_padding(
 
 
 class FlashIPAStack(nn.Module):
-    """``depth`` IPA blocks sharing the same edge factors, then a final LayerNorm."""
+    """``depth`` IPA blocks sharing the same edge factors, then a final LayerNorm.
+
+    With ``gradient_checkpointing = True`` each block's activations are recomputed in the
+    backward pass instead of stored (only while gradients are recorded)."""
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.ipa_blocks = nn.ModuleList(IPABlock(config) for _ in range(config.depth))
         self.final_norm = nn.LayerNorm(config.c_s)
+        self.gradient_checkpointing = False
 
     def forward(
-        self, s: torch.Tensor, rigid: Frames, z_f1: torch.Tensor, z_f2: torch.Tensor, mask: torch.Tensor, backend: str
+        self,
+        s: torch.Tensor,
+        rigid: Frames,
+        z_f1: torch.Tensor,
+        z_f2: torch.Tensor,
+        mask: torch.Tensor,
+        backend: str,
+        hidden_states: list[tuple[torch.Tensor, Frames]] | None = None,
     ) -> tuple[torch.Tensor, Frames]:
         """s [B, N, c_s]; rigid (rotations [B, N, 3, 3], translations [B, N, 3]);
         z_f1, z_f2 [B, N, R, c_z]; mask [B, N] bool -> (s [B, N, c_s], frames).
 
         Inputs at padded positions are ignored (replaced by zeros and identity frames), so
-        padded output frames are the identity rotation and zero translation."""
+        padded output frames are the identity rotation and zero translation. A list passed
+        as ``hidden_states`` receives each block's ``(s, frames)`` (s before the final norm)."""
         s, rigid, z_f1, z_f2 = ignore_padding(mask, s, rigid, z_f1, z_f2)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.ipa_blocks:
-            s, rigid = block(s, rigid, z_f1, z_f2, mask, backend)
+            if recompute:
+                s, rigid = checkpoint(block, s, rigid, z_f1, z_f2, mask, backend, use_reentrant=False)
+            else:
+                s, rigid = block(s, rigid, z_f1, z_f2, mask, backend)
+            if hidden_states is not None:
+                hidden_states.append((s, rigid))
         return self.final_norm(s), rigid

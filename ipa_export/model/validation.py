@@ -1,7 +1,8 @@
 """Input checks with errors that name the argument, the expected and the received value.
 
-Shape and dtype checks are static, so they also run under ``torch.compile``; value checks
-(NaN, inf, empty proteins) need the data and run in eager mode only.
+Shape and dtype checks are static, so they also run under ``torch.compile`` and the
+``torch.func`` transforms; value checks (NaN, inf, empty proteins, index ranges) need the data
+and run only in plain eager mode (:func:`checking_values`).
 """
 
 from __future__ import annotations
@@ -15,17 +16,15 @@ class Shapes:
     def __init__(self, **known: int):
         self.sizes: dict[str, int] = dict(known)
 
-    def check(
-        self, name: str, x: object, dims: tuple[str | int, ...], *, dtype: str | torch.dtype = "float"
-    ) -> torch.Tensor:
+    def check(self, name: str, x: object, dims: tuple[str | int, ...], *, dtype: str = "float") -> torch.Tensor:
         """Check that ``x`` is a tensor of shape ``dims`` (names or literal sizes) and of dtype
-        ``dtype`` (a torch.dtype, or the kind ``"float"`` or ``"bool"``); bind new names."""
+        ``dtype`` (the kind ``"float"``, ``"int"`` or ``"bool"``); bind new names."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-        if isinstance(dtype, torch.dtype) and x.dtype != dtype:
-            raise TypeError(f"{name}: expected dtype {dtype} (the encoder's parameter dtype), got {x.dtype}")
         if dtype == "float" and not x.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+        if dtype == "int" and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+            raise TypeError(f"{name}: expected an integer tensor, got {x.dtype}")
         if dtype == "bool" and x.dtype != torch.bool:
             raise TypeError(f"{name}: expected a torch.bool tensor, got {x.dtype} (use mask.bool())")
         mismatch = x.dim() != len(dims) or any(
@@ -48,14 +47,12 @@ def check_structure_inputs(
     node_mask: object,
     rotations: object = None,
     trans_sc: object = None,
-    *,
-    embed_dtype: str | torch.dtype = "float",
 ) -> None:
     """The checks shared by the encoder and the edge embedder: node_embed [B, N, c_s],
     translations [B, N, 3], node_mask [B, N] bool, optional rotations [B, N, 3, 3] and
     trans_sc [B, N, 3]; a non-empty batch; finite coordinates at valid residues."""
     shapes = Shapes(c_s=c_s)
-    shapes.check("node_embed", node_embed, ("B", "N", "c_s"), dtype=embed_dtype)
+    shapes.check("node_embed", node_embed, ("B", "N", "c_s"))
     shapes.check("translations", translations, ("B", "N", 3))
     mask = shapes.check("node_mask", node_mask, ("B", "N"), dtype="bool")
     if rotations is not None:
@@ -64,6 +61,33 @@ def check_structure_inputs(
         shapes.check("trans_sc", trans_sc, ("B", "N", 3))
     check_not_empty(mask)
     check_values(mask, translations=translations, rotations=rotations, trans_sc=trans_sc)  # type: ignore[arg-type]
+
+
+def check_indices(node_mask: torch.Tensor, residue_index: object, chain_index: object) -> None:
+    """Optional residue numbers and chain ids: [B, N] integer tensors; chain ids in [0, N)
+    at valid residues (checked in plain eager mode only)."""
+    shapes = Shapes(B=node_mask.shape[0], N=node_mask.shape[1])
+    if residue_index is not None:
+        shapes.check("residue_index", residue_index, ("B", "N"), dtype="int")
+    if chain_index is None:
+        return
+    chain = shapes.check("chain_index", chain_index, ("B", "N"), dtype="int")
+    if checking_values():
+        bad = ((chain < 0) | (chain >= chain.shape[1])) & node_mask
+        if bad.any():
+            where = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"chain_index: expected chain ids in [0, {chain.shape[1]}) at valid residues "
+                f"(number chains 0, 1, 2, ...), got {chain[where].item()} at (batch, residue) {where}"
+            )
+
+
+def checking_values() -> bool:
+    """Whether data-dependent checks run: not while ``torch.compile`` traces, and not inside
+    a ``torch.func`` transform (grad, jvp, vmap, ...), where branching on values is impossible."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is None
 
 
 def check_not_empty(node_mask: torch.Tensor) -> None:
@@ -75,7 +99,7 @@ def check_not_empty(node_mask: torch.Tensor) -> None:
 
 def check_values(node_mask: torch.Tensor, **coordinates: torch.Tensor | None) -> None:
     """Eager-only checks: each protein has a valid residue; coordinates are finite at valid residues."""
-    if torch.compiler.is_compiling():
+    if not checking_values():
         return
     empty = (~node_mask.any(dim=1)).nonzero().flatten().tolist()
     if empty:
