@@ -49,14 +49,19 @@ class PairEmbedder(nn.Module):
         translations: torch.Tensor,
         node_mask: torch.Tensor,
         trans_sc: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """node_embed [B, N, c_s]; translations, trans_sc [B, N, 3] (Angstrom; trans_sc defaults
-        to translations); node_mask [B, N] bool -> z [B, N, N, c_p], zero unless both residues are valid."""
+        to translations); node_mask [B, N] bool; positions [B, N] int64 (see
+        :func:`~ipa_export.model.edge_embedder.residue_positions`; default the slots)
+        -> z [B, N, N, c_p], zero unless both residues are valid."""
         batch, length, _ = node_embed.shape
         dtype = node_embed.dtype  # geometry in fp32, layers in the model's dtype
         p = self.linear_s_p(node_embed)  # [B, N, f]
-        positions = torch.arange(length, device=node_embed.device)
-        relpos = self.linear_relpos(index_embedding(positions[:, None] - positions, self.feat_dim).to(dtype))
+        if positions is None:
+            positions = torch.arange(length, device=node_embed.device).expand(batch, length)
+        offsets = positions[:, :, None] - positions[:, None, :]  # [B, N, N]
+        relpos = self.linear_relpos(index_embedding(offsets, self.feat_dim).to(dtype))
         t_bins = pair_distogram(translations, node_mask, self.num_bins)
         sc_bins = t_bins if trans_sc is None else pair_distogram(trans_sc, node_mask, self.num_bins)
         shape = (batch, length, length, -1)
@@ -130,8 +135,9 @@ class FactorizedPairEmbedder(PairEmbedder):
         translations: torch.Tensor,
         node_mask: torch.Tensor,
         trans_sc: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.factors(self.pair_features(node_embed, translations, node_mask, trans_sc), node_mask)
+        return self.factors(self.pair_features(node_embed, translations, node_mask, trans_sc, positions), node_mask)
 
     def factors(self, pair: torch.Tensor, node_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pair [B, N, N, c_p] (zero at padded pairs), node_mask [B, N] bool -> z_f1, z_f2 [B, N, R, c_p]."""
