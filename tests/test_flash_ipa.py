@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ipa_export import ConfigCompatibilityError, EncoderConfig, IPAEncoder
+from ipa_export import ConfigCompatibilityError, EncoderConfig, FlashIPAStack, Frames, IPAEncoder
+from ipa_export.bindrae.convert import convert
 from ipa_export.flash_ipa import EdgeEmbedder, EdgeEmbedderConfig, InvariantPointAttention, IPAConfig
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "native"
@@ -202,3 +203,64 @@ def test_max_len_is_required_by_the_factorize_mode_only() -> None:
     # a config written before max_len existed still reads, with the default
     old = {k: v for k, v in EncoderConfig().to_dict().items() if k != "max_len"}
     assert EncoderConfig.from_dict(old) == EncoderConfig()
+
+
+def native_checkpoint(mode: str, layout: str) -> tuple[dict, EdgeEmbedder, FlashIPAStack]:
+    """A flash_ipa-native checkpoint: the golden EdgeEmbedder and a 2-block stack whose IPAs are
+    the golden one (block 0) and a random one, as BINDRAE builds the stack."""
+    t, edge, ipa = load_case(mode)
+    config = EncoderConfig(
+        c_s=64, c_p=32, c_hidden=16, no_heads=4, no_qk_points=4, no_v_points=6, depth=2,
+        z_factor_rank=2 if ipa.c_z else 0, mode="flash_1d_bias" if ipa.c_z else "flash_no_bias",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    stack = FlashIPAStack(config).eval()
+    stack.ipa_blocks[0].ipa.load_state_dict(ipa.state_dict())
+    edge_state, stack_state = edge.state_dict(), stack.state_dict()
+    if layout == "modules":
+        return {"edge_embedder": edge_state, "ipa_module": stack_state}, edge, stack
+    flat = {f"edge_embedder.{k}": v for k, v in edge_state.items()} | {
+        f"ipa_module.{k}": v for k, v in stack_state.items()
+    }
+    return {"model_state_dict": flat}, edge, stack
+
+
+@pytest.mark.parametrize(
+    ("mode", "layout"),
+    [
+        ("flash_1d_bias", "checkpoint"),
+        ("flash_2d_factorize_bias", "checkpoint"),
+        ("flash_no_bias", "modules"),
+        ("orig_no_bias", "checkpoint"),
+    ],
+)
+def test_native_checkpoint_converts_to_an_export_that_reproduces_the_modules(
+    tmp_path: Path, mode: str, layout: str
+) -> None:
+    data, edge, stack = native_checkpoint(mode, layout)
+    torch.save(data, tmp_path / "native.pt")
+    convert(tmp_path / "native.pt", tmp_path / "export")
+    encoder = IPAEncoder.from_pretrained(tmp_path / "export", attention="dense")
+    assert encoder.config.mode == ("flash_no_bias" if "no_bias" in mode else mode)
+    t = load_file(GOLDEN / f"native_{mode}.safetensors")
+    node_embed, translations, rotations = t["inputs.node_embed"], t["inputs.translations"], t["inputs.rotations"]
+    mask = t["inputs.node_mask"].bool()
+    with torch.no_grad():
+        out = encoder(node_embed, translations, mask, rotations)
+        _, z_f1, z_f2, _ = edge(node_embed, translations, translations, mask)
+        if z_f1 is None:
+            z_f1 = z_f2 = torch.zeros(1, 48, 0, 32)
+        s, (rot, trans) = stack(node_embed, Frames(rotations, translations), z_f1, z_f2, mask, "dense")
+    for name, a, b in (("s", out.s, s), ("rotations", out.rotations, rot), ("translations", out.translations, trans)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+    torch.testing.assert_close(out.z_f1, z_f1, atol=1e-5, rtol=0)
+    if "outputs.z_f1" in t:  # and the factors are flash_ipa's
+        torch.testing.assert_close(out.z_f1, t["outputs.z_f1"], atol=ATOL, rtol=0)
+
+
+def test_orig_2d_bias_checkpoint_is_refused_with_a_reason(tmp_path: Path) -> None:
+    data, _, _ = native_checkpoint("orig_2d_bias", "checkpoint")
+    torch.save(data, tmp_path / "native.pt")
+    with pytest.raises(ValueError, match="an orig_2d_bias edge embedder .* has no factorised form"):
+        convert(tmp_path / "native.pt", tmp_path / "export")
+    assert not (tmp_path / "export").exists()

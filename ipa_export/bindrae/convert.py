@@ -13,7 +13,7 @@ import hashlib
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,9 @@ import torch
 
 from ..config import ConfigCompatibilityError, EncoderConfig
 from ..export.format import expected_tensors, write_export, write_model_card, writing_export
+from ..flash_ipa import keys as native_keys
+from ..flash_ipa.edge_embedder import EdgeEmbedder as NativeEdgeEmbedder
+from ..flash_ipa.edge_embedder import native_edge_config
 from ..model.edge_embedder import EdgeEmbedder
 from ..model.encoder import IPAEncoder
 from ..model.frames import Frames, identity_rotations
@@ -57,17 +60,26 @@ CHECKPOINT_CONFIG_FIELDS = {
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The two modules' tensors (BINDRAE keys) and the checkpoint's own config dict."""
+    """The two modules' tensors (their checkpoint keys) and the checkpoint's own config dict.
+    ``native``: flash_ipa's EdgeEmbedder sits directly under ``edge_embedder.`` (see
+    :mod:`ipa_export.flash_ipa.keys`) rather than inside BINDRAE's adapter."""
 
     state_dict: dict[str, torch.Tensor]
     config: dict[str, Any]
     sha256: str
     path: Path
+    native: bool = False
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors under IPAEncoder keys."""
+        return native_keys.native_to_encoder(self.state_dict) if self.native else checkpoint_to_encoder(self.state_dict)
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a Stage-1 checkpoint (``model_state_dict`` + ``config``) or a bare state dict
-    with ``edge_embedder.`` and ``ipa_module.`` keys. Refuses anything needing unpickling."""
+    """Read a Stage-1 checkpoint (``model_state_dict`` + ``config``), a bare state dict with
+    ``edge_embedder.`` and ``ipa_module.`` (or ``ipa_stack.``) keys in BINDRAE's or flash_ipa's
+    native layout, or a dict of the two modules' state dicts (``{"edge_embedder": ...,
+    "ipa_module": ...}``). Refuses anything needing unpickling."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
@@ -82,22 +94,25 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except (RuntimeError, EOFError, OSError) as error:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
     state, config = (data.get(STATE_DICT_KEY), data.get(CONFIG_KEY) or {}) if isinstance(data, dict) else (None, {})
+    if state is None and isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+        data = {f"{name}.{k}": v for name, module in data.items() for k, v in module.items()}  # module state dicts
     if state is None and isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
         state = data
     if not isinstance(state, dict) or not isinstance(config, dict):
         raise ValueError(
             f"{path}: expected a dict with 'model_state_dict' (and optionally 'config'), or a bare state dict"
         )
-    modules = {k: v for k, v in state.items() if k.startswith((STAGE1_EDGE, STAGE1_IPA))}
+    modules = {k: v for k, v in state.items() if k.startswith((STAGE1_EDGE, *native_keys.STACK_PREFIXES))}
     if not modules:
         raise ValueError(f"{path}: no '{STAGE1_EDGE}*' or '{STAGE1_IPA}*' tensors in the state dict")
-    return Checkpoint(modules, config, hashlib.sha256(path.read_bytes()).hexdigest(), path)
+    native = native_keys.is_native(modules)
+    return Checkpoint(modules, config, hashlib.sha256(path.read_bytes()).hexdigest(), path, native)
 
 
 def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any] | None = None) -> EncoderConfig:
     """Infer the encoder config from tensor shapes; the checkpoint's config and ``overrides``
     must agree with the shapes. Converted BINDRAE models use the reference frame-update clip."""
-    shapes = {k: tuple(v.shape) for k, v in checkpoint_to_encoder(checkpoint.state_dict).items()}
+    shapes = {k: tuple(v.shape) for k, v in checkpoint.encoder_state_dict().items()}
     overrides = dict(overrides or {})
 
     def shape(key: str) -> tuple[int, ...]:
@@ -106,27 +121,20 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any] | None = N
         return shapes[key]
 
     ipa = "ipa_stack.ipa_blocks.0.ipa."
-    s_p_out, c_s = shape("edge_embedder.linear_s_p.weight")
-    feat_dim = shape("edge_embedder.linear_relpos.weight")[1]
-    rank = s_p_out // (2 * feat_dim)
-    t_out, t_in = shape("edge_embedder.linear_t_distogram.weight")
-    num_bins = t_out // (2 * rank)
-    heads_c, _ = shape(ipa + "linear_q.weight")
-    heads = shape(ipa + "linear_b.weight")[0]
+    heads_c, c_s = shape(ipa + "linear_q.weight")
+    heads = shape(ipa + "head_weights")[0]
     qk_points = shape(ipa + "linear_q_points.weight")[0] // (3 * heads)
     inferred = {
         "c_s": c_s,
-        "c_p": shape("edge_embedder.edge_embedder.0.weight")[0],
-        "z_factor_rank": rank,
-        "feat_dim": feat_dim,
-        "num_bins": num_bins,
-        "knn_k": t_in // (num_bins + feat_dim),
+        **_edge_fields(shapes, checkpoint.path),
         "no_heads": heads,
         "c_hidden": heads_c // heads,
         "no_qk_points": qk_points,
         "no_v_points": shape(ipa + "linear_kv_points.weight")[0] // (3 * heads) - qk_points,
         "depth": len({m.group(1) for k in shapes if (m := re.match(r"ipa_stack\.ipa_blocks\.(\d+)\.", k))}),
     }
+    if inferred["mode"] == "flash_no_bias" and checkpoint.native:  # flash_ipa's unused edge MLP still has c_p
+        inferred["c_p"] = checkpoint.state_dict[native_keys.MLP + "0.weight"].shape[0]
     problems = []
     stated = {CHECKPOINT_CONFIG_FIELDS[k]: v for k, v in checkpoint.config.items() if k in CHECKPOINT_CONFIG_FIELDS}
     for source, values in (("checkpoint config", stated), ("override", overrides)):
@@ -150,6 +158,30 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any] | None = N
     return config
 
 
+def _edge_fields(shapes: Mapping[str, tuple[int, ...]], path: Path) -> dict[str, Any]:
+    """The edge mode and the edge config fields its tensors determine (IPAEncoder keys)."""
+    edge = "edge_embedder."
+    if edge + "linear_s_p.weight" not in shapes:  # no pair bias: the IPA has no linear_b
+        return {"mode": "flash_no_bias", "z_factor_rank": 0}
+    feat_dim = shapes[edge + "linear_relpos.weight"][1]
+    fields = {
+        "c_p": shapes[edge + "edge_embedder.0.weight"][0],
+        "feat_dim": feat_dim,
+        "num_bins": (shapes[edge + "edge_embedder.0.weight"][1] - 3 * feat_dim) // 2,
+    }
+    if edge + "factorizer.length_compressor.weight" in shapes:
+        rank, max_len = shapes[edge + "factorizer.length_compressor.weight"]
+        return {**fields, "mode": "flash_2d_factorize_bias", "z_factor_rank": rank, "max_len": max_len}
+    if edge + "linear_t_distogram.weight" not in shapes:
+        raise ValueError(
+            f"{path}: an orig_2d_bias edge embedder (a dense pair representation attended in every block) has no "
+            "factorised form an export could hold; use it through ipa_export.flash_ipa instead"
+        )
+    rank = shapes[edge + "linear_s_p.weight"][0] // (2 * feat_dim)
+    t_out, t_in = shapes[edge + "linear_t_distogram.weight"]
+    return {**fields, "mode": "flash_1d_bias", "z_factor_rank": rank, "knn_k": t_in // (fields["num_bins"] + feat_dim)}
+
+
 def convert(
     checkpoint_path: str | os.PathLike,
     out: str | os.PathLike,
@@ -168,7 +200,7 @@ def convert(
     if residue_embedding_seed is not None:
         config = config.replace(num_residue_types=21)
     encoder = IPAEncoder(config)
-    weights = checkpoint_to_encoder(checkpoint.state_dict)
+    weights = checkpoint.encoder_state_dict()
     if residue_embedding_seed is not None:
         generator = torch.Generator().manual_seed(residue_embedding_seed)
         weights["residue_embedding.weight"] = torch.randn(21, config.c_s, generator=generator)
@@ -182,39 +214,40 @@ def convert(
         provenance["note"] = note
     with writing_export(out, overwrite=overwrite, protect=[checkpoint.path]) as tmp:
         write_export(encoder, tmp, provenance=provenance, license=license)
-        difference = parity_check(checkpoint.state_dict, tmp)
+        difference = parity_check(checkpoint, tmp)
         if difference > PARITY_ATOL:
             raise RuntimeError(
                 f"conversion parity failed: the export differs from the source modules by {difference:.3g}"
             )
         provenance["parity"] = (
             f"max |export - source| = {difference:.3g} over s, frames and edge factors "
-            f"(random protein, N = {PARITY_LENGTH}, seed 0; tolerance {PARITY_ATOL:g})"
+            f"(random protein, N = {parity_length(config)}, seed 0; tolerance {PARITY_ATOL:g})"
         )
         write_model_card(tmp, provenance=provenance, license=license)
     return provenance
 
 
-def parity_check(state_dict: Mapping[str, torch.Tensor], export_dir: Path) -> float:
-    """Max abs difference between the reloaded export and the source modules (an EdgeEmbedder
-    and a FlashIPA stack loaded from the checkpoint's own Stage-1 keys, composed as BINDRAE
-    does) on a random protein."""
+def parity_length(config: EncoderConfig) -> int:
+    """The parity check's protein length: PARITY_LENGTH, or max_len if that is shorter."""
+    return min(PARITY_LENGTH, config.max_len or PARITY_LENGTH)
+
+
+def parity_check(checkpoint: Checkpoint, export_dir: Path) -> float:
+    """Max abs difference between the reloaded export and the source modules (an edge embedder
+    and a FlashIPA stack loaded from the checkpoint's own keys, composed as BINDRAE does) on a
+    random protein."""
     encoder = IPAEncoder.from_pretrained(export_dir, attention="dense")
-    parts = stage1_modules(state_dict)
-    edge, stack = EdgeEmbedder(encoder.config), FlashIPAStack(encoder.config)
-    edge.load_state_dict({k.removeprefix(ADAPTER_EDGE): v for k, v in parts[STAGE1_EDGE].items()}, strict=True)
-    stack.load_state_dict(parts[STAGE1_IPA], strict=True)
+    edge, stack = _source_modules(checkpoint, encoder.config)
+    length = parity_length(encoder.config)
     g = torch.Generator().manual_seed(0)
-    node_embed = torch.randn(1, PARITY_LENGTH, encoder.config.c_s, generator=g)
-    coords = torch.cumsum(
-        3.8 * torch.nn.functional.normalize(torch.randn(1, PARITY_LENGTH, 3, generator=g), dim=-1), dim=1
-    )
-    mask = torch.ones(1, PARITY_LENGTH, dtype=torch.bool)
+    node_embed = torch.randn(1, length, encoder.config.c_s, generator=g)
+    coords = torch.cumsum(3.8 * torch.nn.functional.normalize(torch.randn(1, length, 3, generator=g), dim=-1), dim=1)
+    mask = torch.ones(1, length, dtype=torch.bool)
     with torch.no_grad():
         out = encoder(node_embed, coords, mask)
-        z_f1, z_f2 = edge.eval()(node_embed, coords, mask)
+        z_f1, z_f2 = edge(node_embed, coords, mask)
         rigid = Frames(identity_rotations(mask.shape), coords)
-        s, (rotations, translations) = stack.eval()(node_embed, rigid, z_f1, z_f2, mask, "dense")
+        s, (rotations, translations) = stack(node_embed, rigid, z_f1, z_f2, mask, "dense")
     pairs = [
         (out.s, s),
         (out.rotations, rotations),
@@ -222,4 +255,38 @@ def parity_check(state_dict: Mapping[str, torch.Tensor], export_dir: Path) -> fl
         (out.z_f1, z_f1),
         (out.z_f2, z_f2),
     ]
-    return max((a - b).abs().max().item() for a, b in pairs)
+    return max((a - b).abs().max().item() for a, b in pairs if a.numel())  # no factors without pair bias
+
+
+EdgeFactors = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _source_modules(checkpoint: Checkpoint, config: EncoderConfig) -> tuple[EdgeFactors, FlashIPAStack]:
+    """The checkpoint's edge embedder (as node_embed, coords, mask -> z_f1, z_f2) and FlashIPA
+    stack, in eval mode, loaded strictly from its own keys: BINDRAE's adapter layout, or
+    flash_ipa's EdgeEmbedder (:mod:`ipa_export.flash_ipa`) for a native checkpoint."""
+    stack = FlashIPAStack(config).eval()
+    state = checkpoint.state_dict
+    if not checkpoint.native:
+        parts = stage1_modules(state)
+        edge = EdgeEmbedder(config).eval()
+        edge.load_state_dict({k.removeprefix(ADAPTER_EDGE): v for k, v in parts[STAGE1_EDGE].items()}, strict=True)
+        stack.load_state_dict(parts[STAGE1_IPA], strict=True)
+        return edge, stack
+    stack_prefix = next(p for p in native_keys.STACK_PREFIXES if any(k.startswith(p) for k in state))
+    stack.load_state_dict({k.removeprefix(stack_prefix): v for k, v in state.items() if k.startswith(stack_prefix)})
+    if config.mode == "flash_no_bias":  # flash_ipa's unused edge MLP is not part of the encoder
+        native = None
+    else:
+        native = NativeEdgeEmbedder(native_edge_config(config)).eval()
+        edge_prefix = native_keys.EDGE
+        native.load_state_dict({k.removeprefix(edge_prefix): v for k, v in state.items() if k.startswith(edge_prefix)})
+
+    def edge_factors(node_embed: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor):  # type: ignore[no-untyped-def]
+        if native is None:
+            empty = node_embed.new_zeros(*mask.shape, 0, config.c_p)
+            return empty, empty
+        _, z_f1, z_f2, _ = native(node_embed, coords, coords, mask)
+        return z_f1, z_f2
+
+    return edge_factors, stack

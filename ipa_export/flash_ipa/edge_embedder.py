@@ -78,6 +78,20 @@ def encoder_config(cfg: EdgeEmbedderConfig) -> EncoderConfig:
     )
 
 
+def native_edge_config(config: EncoderConfig) -> EdgeEmbedderConfig:
+    """The flash_ipa config of ``config``'s edge embedder (inverse of :func:`encoder_config`)."""
+    return EdgeEmbedderConfig(
+        c_s=config.c_s,
+        c_p=config.c_p,
+        z_factor_rank=config.z_factor_rank,
+        feat_dim=config.feat_dim,
+        num_bins=config.num_bins,
+        k=config.knn_k,
+        mode=config.mode,
+        max_len=config.max_len or None,
+    )
+
+
 class EdgeEmbedder(nn.Module):
     """flash_ipa's ``EdgeEmbedder``: ``forward(node_embed, translations, trans_sc, node_mask,
     edge_embed=None, edge_mask=None) -> (edge_embed, z_factor_1, z_factor_2, edge_mask)``.
