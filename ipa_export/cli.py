@@ -1,6 +1,8 @@
 """``ipa-export``: convert, inspect, validate, push and embed with frozen IPA encoders.
 
-Exit codes: 0 success, 1 a check failed (validate's self-check), 2 bad input or usage.
+Exit codes: 0 success, 1 a check failed (validate's self-check, convert's parity check),
+2 bad input or usage (one line on stderr), 141 the output pipe was closed (`| head`).
+Any other error is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,9 +19,11 @@ from typing import Any
 
 import torch
 
-from .config import ConfigCompatibilityError
+from ._version import __version__
+from .errors import CheckFailedError, InputError, IPAExportError
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + 13  # killed by SIGPIPE, what other Unix tools report
 SELF_CHECK_LENGTH = 48
 SELF_CHECK_ATOL = 1e-3  # fp32, chain centred ~20 A from the origin
 
@@ -28,23 +33,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.run(args)
-    except (
-        ConfigCompatibilityError,
-        ValueError,
-        TypeError,
-        OSError,  # FileNotFoundError, FileExistsError, PermissionError, a full disk
-        ImportError,
-        RuntimeError,
-    ) as error:
+        code = args.run(args)
+        sys.stdout.flush()  # inside the try: a closed pipe fails here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except (IPAExportError, OSError) as error:  # the package's own errors; files that cannot be read or written
         print(f"ipa-export {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_CHECK_FAILED if isinstance(error, CheckFailedError) else EXIT_BAD_INPUT
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ipa-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("convert", help="convert a BINDRAE Stage-1 checkpoint into an export directory")
@@ -115,7 +119,7 @@ def parse_assignments(items: Sequence[str], option: str) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"{option}: expected KEY=VALUE, got {item!r}")
+            raise InputError(f"{option}: expected KEY=VALUE, got {item!r}")
         try:
             values[key] = json.loads(raw)
         except json.JSONDecodeError:

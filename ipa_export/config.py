@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .errors import InputError
+
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn", "dense")
 ATTN_DTYPES = ("fp32", "bf16", "fp16")
 EDGE_MODES = ("flash_1d_bias", "flash_no_bias", "flash_2d_factorize_bias")
@@ -15,7 +17,7 @@ FRAME_UPDATE_CLIPS = ("reference", "clip")
 ADDED_FIELDS = ("max_len",)
 
 
-class ConfigCompatibilityError(ValueError):
+class ConfigCompatibilityError(InputError):
     """A config (or export) that this package cannot use. ``problems`` lists each one,
     each naming its field."""
 

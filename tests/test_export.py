@@ -251,7 +251,7 @@ def test_missing_file(saved, name):
 
 def test_missing_directory_or_unknown_repo(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="not an export directory"):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such export directory"):
         IPAEncoder.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="neither a local export directory nor a Hub repository"):
         IPAEncoder.from_pretrained("org/not-cached", cache_dir=tmp_path, local_files_only=True)

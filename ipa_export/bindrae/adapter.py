@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import EncoderConfig
+from ..errors import InputTypeError
 from ..model.attention import resolve_backend
 from ..model.edge_embedder import EdgeEmbedder
 from ..model.frames import Frames
@@ -115,7 +116,7 @@ class FlashIPAModule(FlashIPAStack):
         shapes = Shapes(c_s=config.c_s, R=config.z_factor_rank, c_z=config.c_z)
         shapes.check("s", s, ("B", "N", "c_s"))
         if not isinstance(frames, tuple) or len(frames) != 2:
-            raise TypeError(f"frames: expected a (rotations, translations) pair, got {type(frames).__name__}")
+            raise InputTypeError(f"frames: expected a (rotations, translations) pair, got {type(frames).__name__}")
         shapes.check("frames.rotations", frames[0], ("B", "N", 3, 3))
         shapes.check("frames.translations", frames[1], ("B", "N", 3))
         shapes.check("z_f1", z_f1, ("B", "N", "R", "c_z"))

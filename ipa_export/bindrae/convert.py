@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigCompatibilityError, EncoderConfig
+from ..errors import CheckFailedError, InputError
 from ..export.format import expected_tensors, write_export, write_model_card, writing_export
 from ..flash_ipa import keys as native_keys
 from ..flash_ipa.edge_embedder import EdgeEmbedder as NativeEdgeEmbedder
@@ -39,7 +40,9 @@ from .keys import (
     checkpoint_to_encoder,
     stage1_modules,
 )
+from ..errors import InputError
 
+ZIP_MAGIC, PICKLE_PROTOCOL, GZIP_MAGIC = b"PK\x03\x04", b"\x80", b"\x1f\x8b"
 PARITY_ATOL = 1e-5
 PARITY_LENGTH = 64
 # Stage-1 config keys that name EncoderConfig fields (checkpoint name -> field).
@@ -83,30 +86,50 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    _check_torch_save_file(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(
+        raise InputError(
             f"{path}: refused: this checkpoint needs arbitrary unpickling, which can run code "
             f"(torch.load(weights_only=True) failed: {str(error).splitlines()[0]}). Re-save its state dict as "
             "plain tensors, e.g. torch.save({'model_state_dict': model.state_dict()}, path)"
         ) from error
     except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
     state, config = (data.get(STATE_DICT_KEY), data.get(CONFIG_KEY) or {}) if isinstance(data, dict) else (None, {})
     if state is None and isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
         data = {f"{name}.{k}": v for name, module in data.items() for k, v in module.items()}  # module state dicts
     if state is None and isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
         state = data
     if not isinstance(state, dict) or not isinstance(config, dict):
-        raise ValueError(
+        raise InputError(
             f"{path}: expected a dict with 'model_state_dict' (and optionally 'config'), or a bare state dict"
         )
     modules = {k: v for k, v in state.items() if k.startswith((STAGE1_EDGE, *native_keys.STACK_PREFIXES))}
     if not modules:
-        raise ValueError(f"{path}: no '{STAGE1_EDGE}*' or '{STAGE1_IPA}*' tensors in the state dict")
+        raise InputError(f"{path}: no '{STAGE1_EDGE}*' or '{STAGE1_IPA}*' tensors in the state dict")
     native = native_keys.is_native(modules)
     return Checkpoint(modules, config, hashlib.sha256(path.read_bytes()).hexdigest(), path, native)
+
+
+def _check_torch_save_file(path: Path) -> None:
+    """Refuse a file that torch.save cannot have written (it writes a zip archive, or a pickle
+    in the legacy format), saying what the file looks like instead."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith((ZIP_MAGIC, PICKLE_PROTOCOL)) or not head:  # empty: torch.load's own message
+        return
+    if head.startswith(GZIP_MAGIC):
+        looks = "gzip-compressed data (a structure file such as .pdb.gz?)"
+    elif all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        looks = f"text starting {head.decode().splitlines()[0][:40]!r}"
+    else:
+        looks = f"binary data starting {head[:8].hex(' ')}"
+    raise InputError(
+        f"{path}: not a PyTorch checkpoint: torch.save writes a zip archive (or a legacy pickle), this file is "
+        f"{looks}. Pass the .pt training checkpoint; structure files go to `ipa-export embed`"
+    )
 
 
 def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any] | None = None) -> EncoderConfig:
@@ -117,7 +140,7 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any] | None = N
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
-            raise ValueError(f"{checkpoint.path}: missing tensor {checkpoint_name(key)!r}; cannot infer the config")
+            raise InputError(f"{checkpoint.path}: missing tensor {checkpoint_name(key)!r}; cannot infer the config")
         return shapes[key]
 
     ipa = "ipa_stack.ipa_blocks.0.ipa."
@@ -173,7 +196,7 @@ def _edge_fields(shapes: Mapping[str, tuple[int, ...]], path: Path) -> dict[str,
         rank, max_len = shapes[edge + "factorizer.length_compressor.weight"]
         return {**fields, "mode": "flash_2d_factorize_bias", "z_factor_rank": rank, "max_len": max_len}
     if edge + "linear_t_distogram.weight" not in shapes:
-        raise ValueError(
+        raise InputError(
             f"{path}: an orig_2d_bias edge embedder (a dense pair representation attended in every block) has no "
             "factorised form an export could hold; use it through ipa_export.flash_ipa instead"
         )
@@ -216,7 +239,7 @@ def convert(
         write_export(encoder, tmp, provenance=provenance, license=license)
         difference = parity_check(checkpoint, tmp)
         if difference > PARITY_ATOL:
-            raise RuntimeError(
+            raise CheckFailedError(
                 f"conversion parity failed: the export differs from the source modules by {difference:.3g}"
             )
         provenance["parity"] = (

@@ -28,6 +28,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from ..errors import InputError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -218,10 +220,10 @@ def _refuse_inputs(target: Path, protect: Iterable[str | os.PathLike]) -> None:
     inside: Callable[[str, str], bool] = lambda path, root: path == root or path.startswith(root.rstrip(os.sep) + os.sep)
     real = os.path.realpath(target)
     if inside(os.path.realpath(os.getcwd()), real):
-        raise ValueError(f"{target}: is the current directory (or holds it); write to another directory")
+        raise InputError(f"{target}: is the current directory (or holds it); write to another directory")
     for path in protect:
         if inside(os.path.realpath(path), real):
-            raise ValueError(f"{target}: holds the input {path}; write to another directory")
+            raise InputError(f"{target}: holds the input {path}; write to another directory")
 
 
 def _make_parents(directory: Path) -> list[Path]:

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .._version import __version__
 from ..config import ConfigCompatibilityError
+from ..errors import InputError
 from .card import render_model_card
 from .files import atomic_directory
 
@@ -82,7 +83,7 @@ def write_export(
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     dtypes = {str(v.dtype).removeprefix("torch.") for v in state.values()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
-        raise ValueError(f"weights: expected one dtype among {list(DTYPES)}, got {sorted(dtypes)}")
+        raise InputError(f"weights: expected one dtype among {list(DTYPES)}, got {sorted(dtypes)}")
     config_json = {
         "architecture": architecture,
         "format_version": FORMAT_VERSION,
@@ -177,7 +178,7 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str
             tensors = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
             metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path}: not a valid safetensors file ({error})") from error
+        raise InputError(f"{path}: not a valid safetensors file ({error})") from error
     return tensors, metadata
 
 
@@ -228,5 +229,5 @@ def read_weights(header: ExportHeader, device: str | torch.device = "cpu") -> di
     try:
         state = load_file(path, device=str(device))
     except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path}: cannot read weights ({error})") from error
+        raise InputError(f"{path}: cannot read weights ({error})") from error
     return header.renamed(state)

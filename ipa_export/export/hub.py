@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import sys
 from pathlib import Path
 
+from ..errors import HubError
 from .format import EXPORT_FILES, read_header
 
 
@@ -17,12 +20,20 @@ def resolve_export(
     token: str | bool | None = None,
 ) -> Path:
     """A local directory as it is, else a Hub repo id through ``huggingface_hub.snapshot_download``
-    (only the export's own files are fetched)."""
-    path = Path(path_or_repo_id)
+    (only the export's own files are fetched). A name that can only be a local path (a path
+    object; written like a path; not a valid repo id; or under a directory that exists here)
+    is never sent to the Hub."""
+    path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_repo_id).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{path_or_repo_id}: not an export directory")
+    if path.exists():
+        raise FileNotFoundError(
+            f"{path_or_repo_id}: not an export directory (it is a file; an export is a directory holding "
+            f"{' and '.join(EXPORT_FILES[:2])})"
+        )
+    reason = _local_path_only(path_or_repo_id)
+    if reason:
+        raise FileNotFoundError(f"{path_or_repo_id}: no such export directory ({reason}){_did_you_mean(path)}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -43,6 +54,36 @@ def resolve_export(
         ) from error
 
 
+def _local_path_only(path_or_repo_id: str | os.PathLike) -> str | None:
+    """Why ``path_or_repo_id`` can only mean a local path, or None if it may be a Hub repo id."""
+    if not isinstance(path_or_repo_id, str):
+        return "a path object, not looked up on the Hub"
+    name = path_or_repo_id
+    if name.startswith((".", "/", "~")) or name.endswith("/") or os.sep in name.replace("/", ""):
+        return "written as a local path, so not looked up on the Hub"
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return "not a Hub repo id either, which looks like 'org/name'"
+    first = name.split("/")[0]
+    if "/" in name and Path(first).is_dir():
+        return f"read as a local path because the directory {first}/ exists here; a Hub repo id looks like 'org/name'"
+    return None
+
+
+def _did_you_mean(path: Path) -> str:
+    """``; did you mean <sibling>?`` for the closest existing sibling directory, if any."""
+    try:
+        siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, siblings, n=1)
+    return f"; did you mean {path.parent / close[0]}?" if close else ""
+
+
 def push_export(
     directory: str | os.PathLike,
     repo_id: str,
@@ -60,13 +101,30 @@ def push_export(
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(directory),
-        revision=revision,
-        create_pr=create_pr,
-        commit_message=commit_message,
-        allow_patterns=list(EXPORT_FILES),
-    )
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(directory),
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message,
+            allow_patterns=list(EXPORT_FILES),
+        )
+    except _network_errors() as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        hint = "" if "HF_HUB_OFFLINE" in reason else "; check the network, HF_ENDPOINT and your token (`hf auth login`)"
+        raise HubError(f"cannot upload to Hub repo {repo_id}: {reason}{hint}") from error
     return str(getattr(commit, "commit_url", commit))
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises when the Hub cannot be reached or refuses a request: its own
+    errors (OSError subclasses, as is ``requests``' ConnectionError) and the transport errors of
+    ``httpx``/``httpx2``, whichever this huggingface_hub version uses."""
+    errors: list[type[BaseException]] = [OSError]
+    for client in ("httpx", "httpx2"):
+        module = sys.modules.get(client)
+        if module is not None and hasattr(module, "TransportError"):
+            errors.append(module.TransportError)
+    return tuple(errors)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..config import EncoderConfig
+from ..errors import InputError, InputTypeError
 from ..model import edge_embedder as native_1d
 from ..model import pair_features
 from ..model.validation import Shapes, check_structure_inputs
@@ -57,7 +58,7 @@ class EdgeEmbedderConfig:
 def as_mask(name: str, mask: object) -> torch.Tensor:
     """flash_ipa masks may be bool, integer or float: non-zero means valid. Returns bool."""
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
+        raise InputTypeError(f"{name}: expected a torch.Tensor, got {type(mask).__name__}")
     return mask if mask.dtype == torch.bool else mask != 0
 
 
@@ -65,7 +66,7 @@ def encoder_config(cfg: EdgeEmbedderConfig) -> EncoderConfig:
     """The package config whose edge module has ``cfg``'s layers (``cfg.mode`` is valid)."""
     factorized = cfg.mode in ("flash_1d_bias", "flash_2d_factorize_bias")
     if cfg.mode == "flash_2d_factorize_bias" and not cfg.max_len:
-        raise ValueError(f"max_len: mode 'flash_2d_factorize_bias' needs the longest protein length, got {cfg.max_len}")
+        raise InputError(f"max_len: mode 'flash_2d_factorize_bias' needs the longest protein length, got {cfg.max_len}")
     return EncoderConfig(
         c_s=cfg.c_s,
         c_p=cfg.c_p,
@@ -104,9 +105,9 @@ class EdgeEmbedder(nn.Module):
     def __new__(cls, module_cfg: EdgeEmbedderConfig | None = None, *args: Any, **kwargs: Any) -> EdgeEmbedder:
         if cls is EdgeEmbedder:
             if not isinstance(module_cfg, EdgeEmbedderConfig):
-                raise TypeError(f"module_cfg: expected an EdgeEmbedderConfig, got {type(module_cfg).__name__}")
+                raise InputTypeError(f"module_cfg: expected an EdgeEmbedderConfig, got {type(module_cfg).__name__}")
             if module_cfg.mode not in MODES:
-                raise ValueError(f"mode: must be one of {list(MODES)}, got {module_cfg.mode!r}")
+                raise InputError(f"mode: must be one of {list(MODES)}, got {module_cfg.mode!r}")
             cls = _MODE_CLASSES[module_cfg.mode]
         return super().__new__(cls)
 
@@ -129,7 +130,7 @@ class EdgeEmbedder(nn.Module):
         check_structure_inputs(self._cfg.c_s, node_embed, translations, mask, trans_sc=trans_sc)
         if edge_embed is not None or edge_mask is not None:
             if self.mode not in ("orig_2d_bias", "flash_2d_factorize_bias"):
-                raise ValueError(f"edge_embed, edge_mask: must be None in mode {self.mode!r} (it has no 2-D input)")
+                raise InputError(f"edge_embed, edge_mask: must be None in mode {self.mode!r} (it has no 2-D input)")
             shapes = Shapes(B=mask.shape[0], N=mask.shape[1], c_p=self._cfg.c_p)
             if edge_embed is not None:
                 shapes.check("edge_embed", edge_embed, ("B", "N", "N", "c_p"))

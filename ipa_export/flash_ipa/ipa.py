@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ATTN_DTYPES, EncoderConfig
+from ..errors import InputError, InputTypeError
 from ..model import ipa as native_ipa
 from ..model.attention import resolve_backend
 from ..model.validation import Shapes, check_not_empty, check_values
@@ -50,7 +51,7 @@ def rigid_tensors(r: object) -> tuple[torch.Tensor, torch.Tensor]:
         return r[0], r[1]
     if callable(getattr(r, "get_rots", None)) and callable(getattr(r, "get_trans", None)):
         return r.get_rots().get_rot_mats(), r.get_trans()  # type: ignore[attr-defined]
-    raise TypeError(
+    raise InputTypeError(
         "r: expected a (rotations, translations) pair or a Rigid with get_rots().get_rot_mats() and "
         f"get_trans(), got {type(r).__name__}"
     )
@@ -65,11 +66,11 @@ class InvariantPointAttention(native_ipa.InvariantPointAttention):
 
     def __init__(self, ipa_conf: IPAConfig, inf: float = 1e5, eps: float = native_ipa.POINT_NORM_EPS):
         if ipa_conf.attn_dtype not in ATTN_DTYPES:
-            raise ValueError(f"attn_dtype: must be one of {list(ATTN_DTYPES)}, got {ipa_conf.attn_dtype!r}")
+            raise InputError(f"attn_dtype: must be one of {list(ATTN_DTYPES)}, got {ipa_conf.attn_dtype!r}")
         if ipa_conf.c_z < 0 or ipa_conf.z_factor_rank < 0:
-            raise ValueError(f"c_z, z_factor_rank: must be >= 0, got {ipa_conf.c_z}, {ipa_conf.z_factor_rank}")
+            raise InputError(f"c_z, z_factor_rank: must be >= 0, got {ipa_conf.c_z}, {ipa_conf.z_factor_rank}")
         if eps != native_ipa.POINT_NORM_EPS:
-            raise ValueError(f"eps: only {native_ipa.POINT_NORM_EPS} (flash_ipa's default) is supported, got {eps}")
+            raise InputError(f"eps: only {native_ipa.POINT_NORM_EPS} (flash_ipa's default) is supported, got {eps}")
         config = EncoderConfig(
             c_s=ipa_conf.c_s,
             c_hidden=ipa_conf.c_hidden,
@@ -126,13 +127,13 @@ class InvariantPointAttention(native_ipa.InvariantPointAttention):
         empty = s.new_zeros(s.shape[0], s.shape[1], 0, self.c_z)
         if self.c_z == 0:
             if z is not None or z_f1 is not None or z_f2 is not None:
-                raise ValueError("z, z_factor_1, z_factor_2: this IPA has no pair term (c_z = 0); pass None")
+                raise InputError("z, z_factor_1, z_factor_2: this IPA has no pair term (c_z = 0); pass None")
             return None, empty, empty
         use_z = z is not None and not self.use_flash_attn
         if not use_z:
             if z_f1 is None or z_f2 is None:
                 wanted = "z_factor_1 and z_factor_2" + ("" if self.use_flash_attn else " (or z)")
-                raise ValueError(
+                raise InputError(
                     f"{wanted}: required by an IPA with c_z = {self.c_z} and use_flash_attn={self.use_flash_attn}"
                 )
             shapes.check("z_factor_1", z_f1, ("B", "N", "R", "c_z"))

@@ -21,6 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError, UnsupportedError
+
 try:  # optional CUDA extra
     from flash_attn import flash_attn_with_kvcache
 except ImportError:  # pragma: no cover - depends on the environment
@@ -52,7 +54,7 @@ def resolve_backend(backend: str, device: torch.device, attn_dtype: str, needs_g
     if backend == "auto":
         return "flash_attn" if flash_ok else "sdpa"
     if backend == "flash_attn" and not flash_ok:
-        raise RuntimeError(
+        raise UnsupportedError(
             "attention='flash_attn' needs flash-attn installed (pip install 'ipa-export[cuda]'), a CUDA device, "
             f"attn_dtype 'fp16' or 'bf16' and no gradient; got device={device.type}, attn_dtype={attn_dtype!r}, "
             f"flash-attn installed={flash_attn_available()}, grad={needs_grad}"
@@ -74,7 +76,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     chunk = _round8(math.ceil(width / chunks))
     head = max(_round8(q.shape[-1]), chunk)
     if limit is not None and head > limit:
-        raise ValueError(f"query/key head size {q.shape[-1]} exceeds the kernel limit {limit}")
+        raise InputError(f"query/key head size {q.shape[-1]} exceeds the kernel limit {limit}")
     q, k = _pad(q, head), _pad(k, head)
     if backend == "flash_attn":
         order = torch.argsort((~key_mask).to(torch.uint8), dim=-1, stable=True)[:, None, :, None]  # valid keys first
@@ -119,4 +121,4 @@ if flash_attn_with_kvcache is not None:  # pragma: no cover - needs CUDA and fla
 else:
 
     def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("flash-attn is not installed: pip install 'ipa-export[cuda]'")
+        raise UnsupportedError("flash-attn is not installed: pip install 'ipa-export[cuda]'")

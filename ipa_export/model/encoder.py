@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import EncoderConfig
+from ..errors import InputError
 from ..export.pretrained import ExportMixin
 from .attention import resolve_backend
 from .compiling import compile_pretrained
@@ -125,7 +126,7 @@ class IPAEncoder(ExportMixin, nn.Module):
     def embed_residues(self, aatype: torch.Tensor) -> torch.Tensor:
         """Residue types [...] int64 -> node embeddings [..., c_s] from the export's table."""
         if not self.config.num_residue_types:
-            raise ValueError(
+            raise InputError(
                 "this encoder has no residue-type embedding table (config.num_residue_types is 0); "
                 "pass node embeddings [N, c_s] instead"
             )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import EncoderConfig
+from ..errors import InputError
 from .edge_embedder import distogram, edge_mlp, index_embedding
 
 
@@ -104,7 +105,7 @@ class Factorizer(nn.Module):
         """pair [B, N, N, c_in] -> (z_f1, z_f2) [B, N, R, c_out]."""
         length = pair.shape[1]
         if length > self.max_len:
-            raise ValueError(
+            raise InputError(
                 f"pair: N = {length} residues exceeds the factoriser's max_len {self.max_len} "
                 "(its length weights cover max_len positions); crop the protein or use a model with a larger max_len"
             )

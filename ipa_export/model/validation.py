@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError, InputTypeError
+
 
 class Shapes:
     """Binds named dimensions (B, N, ...) across arguments so that they must agree."""
@@ -20,20 +22,20 @@ class Shapes:
         """Check that ``x`` is a tensor of shape ``dims`` (names or literal sizes) and of dtype
         ``dtype`` (the kind ``"float"``, ``"int"`` or ``"bool"``); bind new names."""
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+            raise InputTypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
         if dtype == "float" and not x.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+            raise InputTypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
         if dtype == "int" and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
-            raise TypeError(f"{name}: expected an integer tensor, got {x.dtype}")
+            raise InputTypeError(f"{name}: expected an integer tensor, got {x.dtype}")
         if dtype == "bool" and x.dtype != torch.bool:
-            raise TypeError(f"{name}: expected a torch.bool tensor, got {x.dtype} (use mask.bool())")
+            raise InputTypeError(f"{name}: expected a torch.bool tensor, got {x.dtype} (use mask.bool())")
         mismatch = x.dim() != len(dims) or any(
             size != (dim if isinstance(dim, int) else self.sizes.get(dim, size))
             for dim, size in zip(dims, x.shape, strict=True)
         )
         if mismatch:  # formatting sizes only here: under torch.compile it would specialise them
             expected = [d if isinstance(d, int) else f"{d}={self.sizes[d]}" if d in self.sizes else d for d in dims]
-            raise ValueError(f"{name}: expected shape [{', '.join(map(str, expected))}], got {list(x.shape)}")
+            raise InputError(f"{name}: expected shape [{', '.join(map(str, expected))}], got {list(x.shape)}")
         for dim, size in zip(dims, x.shape, strict=True):
             if isinstance(dim, str):
                 self.sizes.setdefault(dim, size)
@@ -76,7 +78,7 @@ def check_indices(node_mask: torch.Tensor, residue_index: object, chain_index: o
         bad = ((chain < 0) | (chain >= chain.shape[1])) & node_mask
         if bad.any():
             where = tuple(bad.nonzero()[0].tolist())
-            raise ValueError(
+            raise InputError(
                 f"chain_index: expected chain ids in [0, {chain.shape[1]}) at valid residues "
                 f"(number chains 0, 1, 2, ...), got {chain[where].item()} at (batch, residue) {where}"
             )
@@ -94,7 +96,7 @@ def check_not_empty(node_mask: torch.Tensor) -> None:
     """Every batch element must have at least one residue."""
     batch, length = node_mask.shape
     if batch == 0 or length == 0:
-        raise ValueError(f"node_mask: empty batch, got shape {list(node_mask.shape)}")
+        raise InputError(f"node_mask: empty batch, got shape {list(node_mask.shape)}")
 
 
 def check_values(node_mask: torch.Tensor, **coordinates: torch.Tensor | None) -> None:
@@ -103,13 +105,13 @@ def check_values(node_mask: torch.Tensor, **coordinates: torch.Tensor | None) ->
         return
     empty = (~node_mask.any(dim=1)).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"node_mask: protein(s) {empty} have no valid residue")
+        raise InputError(f"node_mask: protein(s) {empty} have no valid residue")
     for name, x in coordinates.items():
         if x is None:
             continue
         bad = ~torch.isfinite(x).flatten(2).all(-1) & node_mask  # [B, N]
         if bad.any():
             where = bad.nonzero()[0].tolist()
-            raise ValueError(
+            raise InputError(
                 f"{name}: expected finite values at valid residues, found NaN or inf at (batch, residue) {tuple(where)}"
             )

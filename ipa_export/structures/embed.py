@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .._version import __version__
+from ..errors import InputError
 from ..export.files import atomic_file
 from ..model import frames
 from ..model.encoder import IPAEncoder
@@ -41,10 +42,10 @@ def embed_structures(
     Node embeddings come from ``node_embed_path`` ([L, c_s]; one structure only) or else from
     the export's residue-type embedding table."""
     if node_embed_path is not None and len(structures) != 1:
-        raise ValueError(f"--node-embed: gives embeddings for one structure, got {len(structures)} structures")
+        raise InputError(f"--node-embed: gives embeddings for one structure, got {len(structures)} structures")
     names = [_stem(Path(p)) for p in structures]
     if len(set(names)) != len(names):
-        raise ValueError(f"structures: output names must be unique, got {names}")
+        raise InputError(f"structures: output names must be unique, got {names}")
     encoder = IPAEncoder.from_pretrained(export)
     backbones = [read_backbone(p, chain) for p in structures]
     if node_embed_path is not None:
@@ -52,7 +53,7 @@ def embed_structures(
     elif encoder.config.num_residue_types:
         node_embeds = [encoder.embed_residues(b.aatype) for b in backbones]
     else:
-        raise ValueError(
+        raise InputError(
             "--node-embed: required, because this export has no residue-type embedding table "
             "(config.num_residue_types is 0); pass per-residue embeddings [N, c_s], e.g. ESM-2 + adapter outputs"
         )
@@ -85,15 +86,15 @@ def load_node_embed(path: str | os.PathLike, length: int, c_s: int) -> torch.Ten
         tensors = load_file(path)
         tensor = tensors.get("node_embed", next(iter(tensors.values())) if len(tensors) == 1 else None)
         if tensor is None:
-            raise ValueError(
+            raise InputError(
                 f"--node-embed: {path} holds {sorted(tensors)}; expected one tensor or one named 'node_embed'"
             )
     else:
         tensor = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"--node-embed: {path} holds a {type(tensor).__name__}, expected a tensor [N, c_s]")
+            raise InputError(f"--node-embed: {path} holds a {type(tensor).__name__}, expected a tensor [N, c_s]")
     if tuple(tensor.shape) != (length, c_s) or not tensor.is_floating_point():
-        raise ValueError(
+        raise InputError(
             f"--node-embed: expected a float tensor of shape [N={length}, c_s={c_s}], "
             f"got {tensor.dtype} {list(tensor.shape)}"
         )

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError, MissingDependencyError
+
 __all__ = ["RESIDUE_TYPES", "Backbone", "read_backbone"]
 
 log = logging.getLogger(__name__)
@@ -106,7 +108,7 @@ def read_backbone(path: str | os.PathLike, chain: str | None = None) -> Backbone
     try:
         import gemmi
     except ImportError as err:
-        raise ImportError("reading structures needs gemmi: pip install 'ipa-export[structure]'") from err
+        raise MissingDependencyError("reading structures needs gemmi: pip install 'ipa-export[structure]'") from err
 
     path = Path(path)
     if not path.is_file():
@@ -114,9 +116,9 @@ def read_backbone(path: str | os.PathLike, chain: str | None = None) -> Backbone
     try:
         structure = gemmi.read_structure(str(path))
     except Exception as err:  # gemmi raises RuntimeError/ValueError for malformed input
-        raise ValueError(f"cannot parse structure file {path}: {err}") from err
+        raise InputError(f"cannot parse structure file {path}: {err}") from err
     if len(structure) == 0:
-        raise ValueError(f"no models in structure file {path}")
+        raise InputError(f"no models in structure file {path}")
     structure.merge_chain_parts()
 
     chains: dict[str, tuple[list[tuple[str, str, list[Any]]], list[str]]] = {}
@@ -125,11 +127,11 @@ def read_backbone(path: str | os.PathLike, chain: str | None = None) -> Backbone
         if kept and ch.name not in chains:
             chains[ch.name] = (kept, skipped)
     if not chains:
-        raise ValueError(f"no amino-acid chain with N, CA and C atoms in {path}")
+        raise InputError(f"no amino-acid chain with N, CA and C atoms in {path}")
     if chain is None:
         chain = next(iter(chains))
     elif chain not in chains:
-        raise ValueError(f"chain {chain!r} not found in {path}; available chains: {sorted(chains)}")
+        raise InputError(f"chain {chain!r} not found in {path}; available chains: {sorted(chains)}")
     kept, skipped = chains[chain]
     if skipped:
         log.warning("%s: skipped %d residue(s) missing backbone atoms: %s", path, len(skipped), "; ".join(skipped))
