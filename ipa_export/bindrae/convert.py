@@ -40,7 +40,6 @@ from .keys import (
     checkpoint_to_encoder,
     stage1_modules,
 )
-from ..errors import InputError
 
 ZIP_MAGIC, PICKLE_PROTOCOL, GZIP_MAGIC = b"PK\x03\x04", b"\x80", b"\x1f\x8b"
 PARITY_ATOL = 1e-5
