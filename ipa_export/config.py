@@ -14,7 +14,8 @@ ATTN_DTYPES = ("fp32", "bf16", "fp16")
 EDGE_MODES = ("flash_1d_bias", "flash_no_bias", "flash_2d_factorize_bias")
 FRAME_UPDATE_CLIPS = ("reference", "clip")
 #: fields added after format_version 2 was released: a config without them gets their defaults
-ADDED_FIELDS = ("max_len",)
+ADDED_FIELDS = ("max_len", "distance_features", "num_rbf")
+DISTANCE_FEATURES = ("one_hot", "rbf")
 
 
 class ConfigCompatibilityError(InputError):
@@ -44,6 +45,11 @@ class EncoderConfig:
     knn_k: int = 10  #: neighbours per residue in the distogram features
     num_bins: int = 22  #: distogram bins between 1e-3 and 20 Angstrom
     max_len: int = 0  #: longest protein of mode "flash_2d_factorize_bias" (its factoriser's width); else 0
+    #: neighbour distances as one-hot bins (the reference; BINDRAE and flash_ipa weights) or as
+    #: num_rbf Gaussian radial basis functions over the same range ("rbf": smooth, differentiable
+    #: in the coordinates; mode "flash_1d_bias" only; not weight-compatible with "one_hot")
+    distance_features: Literal["one_hot", "rbf"] = "one_hot"
+    num_rbf: int = 16  #: Gaussians with distance_features "rbf" (unused with "one_hot")
     # FlashIPA stack
     c_hidden: int = 128  #: per-head scalar width; hidden width of the frame-update head
     no_heads: int = 8
@@ -90,6 +96,10 @@ class EncoderConfig:
                 + ("max_len >= 1" if self.mode == "flash_2d_factorize_bias" else "max_len 0")
                 + f", got {self.max_len}"
             )
+        if self.num_rbf < 2:
+            p.append(f"num_rbf: must be >= 2, got {self.num_rbf}")
+        if self.distance_features == "rbf" and self.mode != "flash_1d_bias":
+            p.append(f"distance_features: 'rbf' needs mode 'flash_1d_bias', got mode {self.mode!r}")
         if not 0.0 <= self.dropout < 1.0:
             p.append(f"dropout: must be in [0, 1), got {self.dropout}")
         for name in ("max_rot_update_deg", "max_trans_update"):
@@ -98,6 +108,11 @@ class EncoderConfig:
         if self.num_residue_types < 0:
             p.append(f"num_residue_types: must be >= 0, got {self.num_residue_types}")
         return p
+
+    @property
+    def num_distance_features(self) -> int:
+        """Width of one distance's features: ``num_bins`` (one-hot) or ``num_rbf`` (RBF)."""
+        return self.num_rbf if self.distance_features == "rbf" else self.num_bins
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,6 +138,7 @@ _CHOICES = {
     "frame_update_clip": FRAME_UPDATE_CLIPS,
     "attention": ATTENTION_BACKENDS,
     "attn_dtype": ATTN_DTYPES,
+    "distance_features": DISTANCE_FEATURES,
 }
 
 

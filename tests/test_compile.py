@@ -146,9 +146,7 @@ def test_compile_cache_round_trip(encoder, tmp_path, monkeypatch):
     loaded = []
     monkeypatch.setattr(compiling, "load_compile_cache", lambda path, trusted=False: loaded.append((path, trusted)))
     IPAEncoder.from_pretrained(export, compile=True, compile_cache=False)
-    IPAEncoder.from_pretrained(
-        export, compile=True, compile_cache=tmp_path / "elsewhere.bin", trust_compile_cache=True
-    )
+    IPAEncoder.from_pretrained(export, compile=True, compile_cache=tmp_path / "elsewhere.bin", trust_compile_cache=True)
     cache.unlink()
     IPAEncoder.from_pretrained(export, compile=True)  # this export's cache, only when present
     assert loaded == [(tmp_path / "elsewhere.bin", True)]

@@ -217,7 +217,9 @@ def _describe(error: OSError) -> str:
 
 
 def _refuse_inputs(target: Path, protect: Iterable[str | os.PathLike]) -> None:
-    inside: Callable[[str, str], bool] = lambda path, root: path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+    inside: Callable[[str, str], bool] = lambda path, root: (
+        path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+    )
     real = os.path.realpath(target)
     if inside(os.path.realpath(os.getcwd()), real):
         raise InputError(f"{target}: is the current directory (or holds it); write to another directory")

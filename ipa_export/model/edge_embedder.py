@@ -3,7 +3,8 @@
 For residue i the embedder builds, per factor n ∈ {1, 2} and rank r, the features
 [s_p (feat_dim), index embedding (2 feat_dim), t-distogram (num_bins), sc-distogram (num_bins)]
 and maps them through Linear-ReLU-Linear-ReLU-Linear-LayerNorm to c_p. The pair bias
-is then ``z_ij = sum_r z_f1[i, r] * z_f2[j, r]``, never materialised.
+is then ``z_ij = sum_r z_f1[i, r] * z_f2[j, r]``, never materialised. With
+``config.distance_features == "rbf"`` the distograms are ``num_rbf`` Gaussian RBFs instead.
 """
 
 from __future__ import annotations
@@ -69,11 +70,21 @@ def distogram(distances: torch.Tensor, num_bins: int) -> torch.Tensor:
     return ((d > lower) & (d < upper)).float()
 
 
+def gaussian_rbf(distances: torch.Tensor, num_rbf: int) -> torch.Tensor:
+    """Smooth distance features: [...] -> [..., num_rbf], ``exp(-((d - mu_b) / sigma)^2)`` with
+    ``mu = linspace(1e-3, 20, num_rbf)`` Angstrom and ``sigma = (20 - 1e-3) / num_rbf``.
+    ``inf`` (no neighbour) gives all zeros, with zero gradient."""
+    centres = torch.linspace(DISTOGRAM_MIN, DISTOGRAM_MAX, num_rbf, device=distances.device)
+    sigma = (DISTOGRAM_MAX - DISTOGRAM_MIN) / num_rbf
+    far = torch.where(torch.isfinite(distances), distances, 1e4)  # exp underflows to exactly 0
+    return torch.exp(-(((far[..., None] - centres) / sigma) ** 2))
+
+
 def edge_mlp(config: EncoderConfig) -> nn.Sequential:
-    """flash_ipa's edge MLP, shared by every edge mode: [..., 3 feat_dim + 2 num_bins] -> [..., c_p]."""
+    """flash_ipa's edge MLP, shared by every edge mode: [..., 3 feat_dim + 2 distance features] -> [..., c_p]."""
     c_p = config.c_p
     return nn.Sequential(
-        nn.Linear(3 * config.feat_dim + 2 * config.num_bins, c_p),
+        nn.Linear(3 * config.feat_dim + 2 * config.num_distance_features, c_p),
         nn.ReLU(),
         nn.Linear(c_p, c_p),
         nn.ReLU(),
@@ -96,10 +107,11 @@ class EdgeEmbedder(nn.Module):
         self.rank, self.k, self.num_bins, self.feat_dim = (
             config.z_factor_rank,
             config.knn_k,
-            config.num_bins,
+            config.num_distance_features,
             config.feat_dim,
         )
-        f, r, bins = config.feat_dim, config.z_factor_rank, config.num_bins
+        self.rbf = config.distance_features == "rbf"
+        f, r, bins = config.feat_dim, config.z_factor_rank, self.num_bins
         if r == 0:  # flash_no_bias: no edge parameters at all
             self.c_p = config.c_p
             return
@@ -110,13 +122,14 @@ class EdgeEmbedder(nn.Module):
         self.edge_embedder = edge_mlp(config)  # flash_ipa's name for the MLP
 
     def _neighbour_features(self, coords: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """[B, N, k * (num_bins + feat_dim)]: per neighbour, nearest first, its distogram
+        """[B, N, k * (num_bins + feat_dim)]: per neighbour, nearest first, its distance features
         and the embedding of its position."""
         distances, indices = knn(coords, mask, self.k)  # [B, N, k]
         present = (indices >= 0)[..., None]
         neighbour_positions = positions.gather(1, indices.clamp(min=0).flatten(1)).view_as(indices)
         index_emb = index_embedding(neighbour_positions, self.feat_dim) * present
-        return torch.cat([distogram(distances, self.num_bins), index_emb], dim=-1).flatten(-2)
+        encode = gaussian_rbf if self.rbf else distogram
+        return torch.cat([encode(distances, self.num_bins), index_emb], dim=-1).flatten(-2)
 
     def _factors(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, 2 * R * d] -> [B, N, 2, R, d] (n-major, then r, then d)."""
