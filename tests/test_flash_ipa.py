@@ -264,3 +264,56 @@ def test_orig_2d_bias_checkpoint_is_refused_with_a_reason(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="an orig_2d_bias edge embedder .* has no factorised form"):
         convert(tmp_path / "native.pt", tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("mode", ("flash_1d_bias", "flash_no_bias", "flash_2d_factorize_bias"))
+def test_flash_modes_compile_without_graph_breaks(mode: str) -> None:
+    t, edge, ipa = load_case(mode)
+    node_embed, translations, rotations = t["inputs.node_embed"], t["inputs.translations"], t["inputs.rotations"]
+    mask = t["inputs.node_mask"].float()
+
+    def step(node_embed, translations, rotations, mask):  # type: ignore[no-untyped-def]
+        edge_embed, z_f1, z_f2, _ = edge(node_embed, translations, translations, mask)
+        return ipa(node_embed, edge_embed, z_f1, z_f2, Rigid(Rotation(rotations), translations), mask)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(step)(node_embed, translations, rotations, mask)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_factorize_mode_encoder_compiles_without_graph_breaks() -> None:
+    config = EncoderConfig(
+        c_s=32, c_p=16, feat_dim=16, c_hidden=8, no_heads=2, no_qk_points=2, no_v_points=3, depth=1,
+        mode="flash_2d_factorize_bias", max_len=64,
+    )  # fmt: skip
+    encoder = IPAEncoder(config).eval()
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 40, 32, generator=g), 10 * torch.randn(2, 40, 3, generator=g), torch.ones(2, 40).bool())
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(encoder)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.slow  # Inductor builds C++: minutes on a small CPU
+@pytest.mark.parametrize("mode", ("flash_1d_bias", "flash_2d_factorize_bias"))
+def test_compiled_native_modules_match_eager_and_the_golden(mode: str) -> None:
+    t, edge, ipa = load_case(mode)
+    node_embed, translations, rotations = t["inputs.node_embed"], t["inputs.translations"], t["inputs.rotations"]
+    mask = t["inputs.node_mask"].bool()
+
+    def step(node_embed, translations, rotations, mask):  # type: ignore[no-untyped-def]
+        edge_embed, z_f1, z_f2, _ = edge(node_embed, translations, translations, mask)
+        return ipa(node_embed, edge_embed, z_f1, z_f2, (rotations, translations), mask)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled(node_embed, translations, rotations, mask), t["outputs.s"], atol=ATOL, rtol=0
+        )
+        short = [x[:, :40] for x in (node_embed, translations, rotations, mask)]  # another length, same graph
+        torch.testing.assert_close(compiled(*short), step(*short), atol=ATOL, rtol=0)
+    torch._dynamo.reset()
