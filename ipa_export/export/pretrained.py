@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from ..errors import FrozenModuleWarning
+from ..errors import FrozenModuleWarning, InputError
 from .format import read_header, read_weights, write_export, writing_export
 from .hub import push_export, resolve_export
 
@@ -96,20 +96,26 @@ class ExportMixin:
         local_files_only: bool = False,
         token: str | bool | None = None,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         expected: Mapping[str, Any] | None = None,
         config_overrides: Mapping[str, Any] | None = None,
         trainable: bool = False,
+        torch_dtype: torch.dtype | str | None = None,
     ) -> T:
         """Load a frozen model (eval mode, no gradients, see :meth:`freeze`) from a local export
         directory or a Hub repository id (resolved with huggingface_hub, offline from its cache
         when ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``). ``trainable=True`` loads it
         unfrozen instead (eval mode, gradients on: call ``.train()`` to fine-tune).
 
-        ``expected`` lists config values the caller was built for, e.g. ``{"c_s": 384}``;
-        ``config_overrides`` replaces stored config values that do not change the weights.
-        The export's directory is kept as ``model.export_directory``.
+        ``device``: where to load the weights (``"cpu"``, ``"cuda:0"``, ...; checked to exist).
+        ``dtype`` (alias ``torch_dtype``, as in transformers): a floating ``torch.dtype`` or its
+        name (``"bfloat16"``, ``"bf16"``, ...) to cast the weights to; ``"auto"`` or None keeps
+        the stored dtype. ``expected`` lists config values the caller was built for, e.g.
+        ``{"c_s": 384}``; ``config_overrides`` replaces stored config values that do not change
+        the weights. The export's directory is kept as ``model.export_directory``.
         """
+        dtype = _load_dtype(dtype, torch_dtype)
+        device = _load_device(device)
         directory = resolve_export(
             path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
         )
@@ -127,8 +133,84 @@ class ExportMixin:
         model.export_directory = directory
         return model
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters."""
+        return next(self.parameters()).device  # type: ignore[attr-defined]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the floating-point parameters."""
+        return next(p for p in self.parameters() if p.is_floating_point()).dtype  # type: ignore[attr-defined]
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of parameters: only those with ``requires_grad`` (0 while frozen) with
+        ``only_trainable``; without ``nn.Embedding`` tables with ``exclude_embeddings``."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(p) for m in self.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}  # type: ignore[attr-defined]
+        return sum(
+            p.numel()
+            for p in self.parameters()  # type: ignore[attr-defined]
+            if id(p) not in skip and (p.requires_grad or not only_trainable)
+        )
+
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Save to a temporary directory and upload it; see :func:`~ipa_export.export.hub.push_export`."""
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(Path(tmp) / "export")
             return push_export(Path(tmp) / "export", repo_id, type(self), **kwargs)
+
+
+_DTYPE_ALIASES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def _load_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``from_pretrained``'s ``dtype`` / ``torch_dtype`` as a floating torch.dtype (None: keep the stored one)."""
+    if torch_dtype is not None and dtype is not None and _as_dtype(dtype) != _as_dtype(torch_dtype):
+        raise InputError(
+            f"torch_dtype: an alias of dtype; got dtype={dtype!r} and torch_dtype={torch_dtype!r}, which "
+            "disagree: pass only dtype"
+        )
+    return _as_dtype(dtype if dtype is not None else torch_dtype)
+
+
+def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    if value is None or value == "auto":
+        return None
+    dtype = value
+    if isinstance(value, str):
+        dtype = _DTYPE_ALIASES.get(value) or getattr(torch, value.removeprefix("torch."), None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise InputError(
+        "dtype: expected a floating torch.dtype or its name ('float32', 'bfloat16', 'float16', 'float64'; "
+        f"also 'fp32', 'bf16', 'fp16', or 'auto' for the stored dtype), got {value!r}"
+    )
+
+
+def _load_device(device: str | torch.device | None) -> torch.device:
+    """``from_pretrained``'s ``device``, checked to exist here (default: cpu)."""
+    try:
+        parsed = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError) as error:
+        raise InputError(
+            f"device: expected a torch.device or a string like 'cpu' or 'cuda:0', got {device!r}"
+        ) from error
+    if parsed.type == "meta":
+        raise InputError("device: 'meta' holds no weights; load on 'cpu' or a GPU (build cls(config) on meta instead)")
+    if parsed.type == "cpu":
+        return parsed
+    backend = getattr(torch, parsed.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        why = "this torch build has no CUDA" if parsed.type == "cuda" and torch.version.cuda is None else "no device"
+        raise InputError(
+            f"device: {str(device)!r} is not available here (torch.{parsed.type}.is_available() is False: {why}); "
+            "pass device='cpu', or run on a machine (and torch build) with that device"
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise InputError(
+            f"device: {str(device)!r} does not exist here: {count} {parsed.type} device(s), index 0..{count - 1}"
+        )
+    return parsed

@@ -17,7 +17,7 @@ from .edge_embedder import EdgeEmbedder, residue_positions
 from .frames import Frames, identity_rotations
 from .pair_features import FactorizedPairEmbedder
 from .stack import FlashIPAStack
-from .validation import check_indices, check_structure_inputs
+from .validation import check_devices, check_indices, check_structure_inputs
 
 
 def masked_mean(s: torch.Tensor, node_mask: torch.Tensor) -> torch.Tensor:
@@ -43,6 +43,24 @@ class EncoderOutput(NamedTuple):
         """[B, c_s]: ``s`` averaged over each protein's valid residues (``node_mask`` [B, N])."""
         return masked_mean(self.s, node_mask)
 
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        """``out["s"]`` as in transformers' outputs; integers and slices index the tuple."""
+        if not isinstance(key, str):
+            return tuple.__getitem__(self, key)
+        if key not in self._fields:
+            raise KeyError(f"{key!r}: not an output; outputs are {', '.join(self._fields)}")
+        return getattr(self, key)
+
+    def keys(self) -> tuple[str, ...]:
+        """The output names, in order."""
+        return self._fields
+
+    def values(self) -> tuple[Any, ...]:
+        return tuple(self)
+
+    def items(self) -> tuple[tuple[str, Any], ...]:
+        return tuple(zip(self._fields, self, strict=True))
+
 
 class HiddenStates(NamedTuple):
     """Per-block states, one entry per IPA block (padded positions as in the outputs)."""
@@ -63,6 +81,10 @@ class EncoderOutputWithHiddenStates(NamedTuple):
     hidden_states: HiddenStates
 
     pooled = EncoderOutput.pooled
+    __getitem__ = EncoderOutput.__getitem__
+    keys = EncoderOutput.keys
+    values = EncoderOutput.values
+    items = EncoderOutput.items
 
 
 class IPAEncoder(ExportMixin, nn.Module):
@@ -158,9 +180,13 @@ class IPAEncoder(ExportMixin, nn.Module):
         Runs with ``torch.autocast`` disabled: the encoder keeps its own dtype policy
         (parameters' dtype for the layers, fp32 geometry, ``config.attn_dtype`` attention).
         """
-        check_structure_inputs(self.config.c_s, node_embed, translations, node_mask, rotations, trans_sc)
+        weight = self.ipa_stack.final_norm.weight
+        check_structure_inputs(
+            self.config.c_s, node_embed, translations, node_mask, rotations, trans_sc, device=weight.device
+        )
         check_indices(node_mask, residue_index, chain_index)
-        dtype = self.ipa_stack.final_norm.weight.dtype
+        check_devices(weight.device, residue_index=residue_index, chain_index=chain_index)
+        dtype = weight.dtype
         with torch.autocast(node_embed.device.type, enabled=False):
             node_embed = node_embed.to(dtype)
             if rotations is None:

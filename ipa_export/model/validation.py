@@ -49,10 +49,13 @@ def check_structure_inputs(
     node_mask: object,
     rotations: object = None,
     trans_sc: object = None,
+    *,
+    device: torch.device | None = None,
 ) -> None:
     """The checks shared by the encoder and the edge embedder: node_embed [B, N, c_s],
     translations [B, N, 3], node_mask [B, N] bool, optional rotations [B, N, 3, 3] and
-    trans_sc [B, N, 3]; a non-empty batch; finite coordinates at valid residues."""
+    trans_sc [B, N, 3], all on ``device`` (the parameters' device, when given); a non-empty
+    batch; finite coordinates at valid residues."""
     shapes = Shapes(c_s=c_s)
     shapes.check("node_embed", node_embed, ("B", "N", "c_s"))
     shapes.check("translations", translations, ("B", "N", 3))
@@ -61,8 +64,21 @@ def check_structure_inputs(
         shapes.check("rotations", rotations, ("B", "N", 3, 3))
     if trans_sc is not None:
         shapes.check("trans_sc", trans_sc, ("B", "N", 3))
+    if device is not None:
+        inputs = {"node_embed": node_embed, "translations": translations, "node_mask": node_mask}
+        check_devices(device, **inputs, rotations=rotations, trans_sc=trans_sc)  # type: ignore[arg-type]
     check_not_empty(mask)
     check_values(mask, translations=translations, rotations=rotations, trans_sc=trans_sc)  # type: ignore[arg-type]
+
+
+def check_devices(device: torch.device, **tensors: torch.Tensor | None) -> None:
+    """Every given tensor is on ``device``, the parameters' device."""
+    for name, x in tensors.items():
+        if x is not None and x.device != device:
+            raise InputError(
+                f"{name}: on device {x.device}, but the encoder's parameters are on {device}; "
+                "move the inputs with .to(encoder.device) (or the encoder with encoder.to(device))"
+            )
 
 
 def check_indices(node_mask: torch.Tensor, residue_index: object, chain_index: object) -> None:
