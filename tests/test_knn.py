@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_chain
+from conftest import random_chain, random_rotation
 
 from ipa_export.model.knn import knn
 
@@ -57,3 +57,66 @@ def test_padded_queries_have_no_neighbours():
     distances, indices = knn(coords, mask, 10)
     assert (indices[0, 12:] == -1).all() and torch.isinf(distances[0, 12:]).all()
     assert (indices[0, :12] < 12).all()
+
+
+def test_large_chain_same_neighbours_as_a_full_search():
+    # GEMM candidates + exact re-ranking: the same neighbour sets and distances as a full
+    # direct-difference search on a 600-residue chain, chunked, with padding.
+    g = torch.Generator().manual_seed(3)
+    coords = torch.zeros(2, 600, 3)
+    coords[0] = random_chain(600, g) + 500.0  # far from the origin
+    coords[1, :450] = random_chain(450, g)
+    mask = torch.zeros(2, 600, dtype=torch.bool)
+    mask[0] = True
+    mask[1, :450] = True
+    distances, indices = knn(coords, mask, 10, 128)
+    full = torch.cdist(coords.double(), coords.double())
+    full = full.masked_fill(~(mask[:, None, :] & mask[:, :, None]) | torch.eye(600, dtype=torch.bool), float("inf"))
+    want = full.topk(10, dim=-1, largest=False)
+    valid = mask[..., None].expand_as(indices)
+    assert torch.equal(indices.sort(-1).values[valid], want.indices.sort(-1).values[valid])
+    torch.testing.assert_close(distances.sort(-1).values[valid].double(), want.values[valid], atol=1e-4, rtol=0)
+    # Nearest first, up to the tie tolerance (~2e-4 A for this radius): near-ties go by index.
+    assert (distances[..., 1:] >= distances[..., :-1] - 2e-4)[valid[..., 1:]].all()
+    assert (indices[~valid] == -1).all()
+
+
+def test_tie_groups_are_ordered_by_index_and_decide_the_kth_slot():
+    # The centre of a rotated 3 x 3 x 3 grid has six face neighbours at 3.8 A, tied up to the
+    # rounding of the rotation. k = 4 must take the four lowest-indexed ones, in index order,
+    # whatever rounding made one of them the "nearest".
+    r = torch.arange(3.0) * 3.8
+    grid = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(1, 27, 3)
+    faces = [4, 10, 12, 14, 16, 22]  # the centre is 13
+    mask = torch.ones(1, 27, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        q = random_rotation(g)
+        _, indices = knn(grid @ q.T, mask, 4)
+        assert indices[0, 13].tolist() == faces[:4]
+
+
+def test_grad_jacrev_jvp_vmap_through_the_search():
+    g = torch.Generator().manual_seed(0)
+    coords = random_chain(16, g)[None]
+    mask = torch.ones(1, 16, dtype=torch.bool)
+
+    def total(x):
+        return knn(x, mask, 5)[0].sum()
+
+    grad = torch.func.grad(total)(coords)
+    # d/dx_i of sum_j |x_i - x_j| over the selected pairs, computed directly.
+    _, indices = knn(coords, mask, 5)
+    x = coords.double().requires_grad_()
+    (x[0, :, None] - x[0, indices[0]]).norm(dim=-1).sum().backward()
+    torch.testing.assert_close(grad.double(), x.grad, atol=1e-5, rtol=1e-5)
+    jacobian = torch.func.jacrev(lambda x: knn(x, mask, 5)[0])(coords)
+    torch.testing.assert_close(jacobian.sum((0, 1, 2)), grad)
+    tangent = torch.randn(coords.shape, generator=g)
+    _, jvp = torch.func.jvp(total, (coords,), (tangent,))
+    torch.testing.assert_close(jvp, (grad * tangent).sum())
+    stacked = torch.stack([coords, coords.flip(1), 2 * coords])
+    batched_d, batched_i = torch.func.vmap(lambda x: knn(x, mask, 5))(stacked)
+    for b in range(3):
+        d, i = knn(stacked[b], mask, 5)
+        assert torch.equal(batched_i[b], i) and torch.equal(batched_d[b], d)
