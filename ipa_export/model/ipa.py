@@ -16,6 +16,18 @@ axis) folds the three terms into one dot product of augmented vectors:
 
 so attention needs no [N, N] tensor. Points are taken relative to each protein's centroid
 (identical logits in exact arithmetic) to keep |k^|^2 small and the expansion precise.
+
+Low-precision attention (``attn_dtype`` bf16 or fp16) is compensated: the point terms
+w q^.k^ and w |k^|^2 / 2 are each of order w |x|^2 while the logits are differences of them,
+so rounding them to 8 (bf16) or 11 (fp16) bits loses the logits. Each fp32 point coordinate
+and norm term is split into a high part (rounded to the attention dtype) and a low part (the
+remainder, rounded), and the cross terms become extra channels:
+
+    q_aug = [q / sqrt(3 C),  (w q^)_hi, (w q^)_hi, (w q^)_lo,  1,    1,     b1]
+    k_aug = [k,              k^_hi,     k^_lo,     k^_hi,      n_hi, n_lo,  b2]
+
+(n = -w |k^|^2 / 2), so q.k carries the point terms to ~16 (bf16) or ~22 (fp16) bits; the
+kernels accumulate the products in fp32.
 """
 
 from __future__ import annotations
@@ -38,6 +50,13 @@ def masked_centroid(translations: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     """[B, N, 3], [B, N] bool -> [B, 1, 3] mean position of the valid residues."""
     weights = mask[..., None].to(translations.dtype)
     return (translations * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
+
+
+def split_high_low(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split fp32 x into high = x rounded to ``dtype`` (kept in x's dtype) and low = x - high
+    (exact in fp32), so that high + low rounded to ``dtype`` keeps ~twice its bits."""
+    high = x.to(dtype).to(x.dtype)
+    return high, x - high
 
 
 class InvariantPointAttention(nn.Module):
@@ -107,12 +126,20 @@ class InvariantPointAttention(nn.Module):
 
         weight = F.softplus(self.head_weights.float()) * math.sqrt(1.0 / (3 * self.qk_points * 9.0 / 2))  # [H]
         weight = weight[:, None]
+        dtype = self.attn_dtype
         ones = q.new_ones(batch, length, heads, 1)
-        q_aug = torch.cat([q / math.sqrt(3 * hidden), weight * q_pts.flatten(-2), ones, b1], dim=-1)
-        k_aug = torch.cat([k, k_pts.flatten(-2), -0.5 * weight * k_pts.square().sum((-1, -2))[..., None], b2], dim=-1)
+        q_points = weight * q_pts.flatten(-2)  # [B, N, H, 3 P_qk], fp32
+        k_points = k_pts.flatten(-2)
+        k_norms = -0.5 * weight * k_pts.square().sum((-1, -2))[..., None]  # [B, N, H, 1]
+        if torch.finfo(dtype).bits >= 32 or pair is not None:  # the dense pair path computes in fp32
+            q_terms, k_terms = [q_points, ones], [k_points, k_norms]
+        else:
+            (q_hi, q_lo), (k_hi, k_lo), (n_hi, n_lo) = (split_high_low(x, dtype) for x in (q_points, k_points, k_norms))
+            q_terms, k_terms = [q_hi, q_hi, q_lo, ones, ones], [k_hi, k_lo, k_hi, n_hi, n_lo]
+        q_aug = torch.cat([q / math.sqrt(3 * hidden), *q_terms, b1], dim=-1)
+        k_aug = torch.cat([k, *k_terms, b2], dim=-1)
         v_aug = torch.cat([v, v_pts.flatten(-2), pair_2.flatten(-2)[:, :, None].expand(-1, -1, heads, -1)], dim=-1)
 
-        dtype = self.attn_dtype
         if pair is None:
             out = attend(*(x.transpose(1, 2).to(dtype) for x in (q_aug, k_aug, v_aug)), mask, backend)
         else:

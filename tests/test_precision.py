@@ -1,0 +1,84 @@
+"""Low-precision attention (attn_dtype bf16 / fp16) stays close to fp32 on long and real chains.
+
+The point terms of the augmented logits grow with |x|^2; without compensation, bf16 attention
+was off by 3.3 on a 512-residue walk. The tolerances are the documented ones (README,
+"Behaviour and decisions"); fp32 itself is within 6e-4 of fp64 on these inputs
+(bench/results/precision.txt), so it serves as the reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ipa_export import EncoderConfig, IPAEncoder
+from ipa_export.model.frames import from_backbone
+
+gemmi = pytest.importorskip("gemmi")
+from ipa_export.structures.reader import read_backbone  # noqa: E402
+
+USAGE = {"c_s": 384, "c_p": 128, "z_factor_rank": 2, "depth": 3, "attention": "sdpa"}
+# Documented bound on max |s - s_fp32| (max |s| ~ 4.5 on both chains).
+TOLERANCE = {("walk", "bf16"): 0.3, ("walk", "fp16"): 0.05, ("4ake", "bf16"): 0.1, ("4ake", "fp16"): 0.012}
+
+
+def walk(n: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 3.8 A random walk, centred, and identity frames."""
+    g = torch.Generator().manual_seed(0)
+    steps = torch.nn.functional.normalize(torch.randn(n, 3, generator=g, dtype=torch.float64), dim=-1)
+    ca = torch.cumsum(3.8 * steps, 0)
+    return (ca - ca.mean(0)).float(), torch.eye(3).expand(n, 3, 3)
+
+
+def adenylate_kinase() -> tuple[torch.Tensor, torch.Tensor]:
+    backbone = read_backbone(Path(__file__).parent / "data" / "structures" / "4ake_adk_open.pdb.gz")
+    return backbone.ca - backbone.ca.mean(0), from_backbone(backbone.n, backbone.ca, backbone.c).rotations
+
+
+@pytest.fixture(scope="module")
+def encoders() -> dict[str, IPAEncoder]:
+    torch.manual_seed(0)
+    base = IPAEncoder(EncoderConfig(**USAGE)).eval().requires_grad_(False)
+    models = {"fp32": base}
+    for dtype in ("bf16", "fp16"):
+        models[dtype] = IPAEncoder(base.config.replace(attn_dtype=dtype)).eval().requires_grad_(False)
+        models[dtype].load_state_dict(base.state_dict())
+    return models
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+@pytest.mark.parametrize("chain", ["walk", "4ake"])
+def test_low_precision_attention_within_documented_tolerance(encoders, chain, offset):
+    ca, rotations = walk() if chain == "walk" else adenylate_kinase()
+    n = ca.shape[0]
+    node_embed = torch.randn(1, n, USAGE["c_s"], generator=torch.Generator().manual_seed(1))
+    inputs = (node_embed, (ca + offset)[None], torch.ones(1, n, dtype=torch.bool), rotations[None].contiguous())
+    with torch.no_grad():
+        reference = encoders["fp32"](*inputs).s
+        for dtype in ("bf16", "fp16"):
+            error = (encoders[dtype](*inputs).s - reference).abs().max().item()
+            assert error <= TOLERANCE[chain, dtype], f"{dtype}: max |s - s_fp32| = {error:.3g}"
+
+
+def test_autocast_does_not_override_the_attention_dtype(encoders):
+    """Inside torch.autocast(bf16) the attention kernel still gets attn_dtype inputs: fp32 for
+    an fp32 encoder (autocast would cast them to bf16, uncompensated), bf16 for a bf16 one."""
+    ca, rotations = adenylate_kinase()
+    n = ca.shape[0]
+    node_embed = torch.randn(1, n, USAGE["c_s"], generator=torch.Generator().manual_seed(1))
+    inputs = (node_embed, ca[None], torch.ones(1, n, dtype=torch.bool), rotations[None].contiguous())
+    seen = []
+
+    class AttentionDtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), AttentionDtypes():
+        encoders["fp32"](*inputs)
+        encoders["bf16"](*inputs)
+    assert seen == [torch.float32] * 3 + [torch.bfloat16] * 3
