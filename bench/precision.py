@@ -4,9 +4,12 @@ The IPA folds -w/2 |q^ - k^|^2 into one dot product, q^.k^ - |k^|^2/2 (ipa_expor
 terms grow with |x|^2 while their difference does not, so it loses digits when the points are far
 from the origin; the encoder therefore takes points relative to each protein's centroid
 (``ipa_export.model.ipa.masked_centroid``). This script measures the encoder output ``s`` for chains
-centred at increasing offsets from the origin, in fp32 and with bf16 attention
-(``attn_dtype="bf16"``), with the centring (as shipped) and without it (``masked_centroid``
-monkeypatched to return zeros), against an fp64 reference run of the same weights.
+centred at increasing offsets from the origin against an fp64 reference run of the same weights:
+in fp32 with the centring (as shipped) and without it (``masked_centroid`` monkeypatched to return
+zeros), and with bf16 / fp16 attention (``attn_dtype``) compensated (as shipped: the point terms
+split into high and low parts, ``ipa_export.model.ipa.point_terms``) and plain (``point_terms``
+monkeypatched to its fp32 form, so the point terms are rounded once to the attention dtype).
+A last table gives the forward time of each variant (best of ``--repeats``) at the walk's N.
 
 The fp64 reference: ``model.double()`` alone still runs attention in ``attn_dtype`` (fp32) and
 casts frames to fp32 (``.float()`` in ipa.py and stack.py), so for the reference the script also
@@ -25,7 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,6 +54,27 @@ def no_centring():
         yield
     finally:
         ipa_module.masked_centroid = original
+
+
+@contextlib.contextmanager
+def plain_attention():
+    """Uncompensated low-precision attention: ``point_terms`` always builds the fp32 layout."""
+    original = ipa_module.point_terms
+    ipa_module.point_terms = lambda q, k, norms, dtype: original(q, k, norms, torch.float32)
+    try:
+        yield
+    finally:
+        ipa_module.point_terms = original
+
+
+LOW_PRECISION_VARIANTS = {"plain": plain_attention, "compensated": contextlib.nullcontext}
+
+
+def variants(dtype: str) -> dict[str, contextlib.AbstractContextManager]:
+    """Column name -> context manager for one attention dtype."""
+    if dtype == "fp32":
+        return {"centred": contextlib.nullcontext, "uncentred": no_centring}
+    return LOW_PRECISION_VARIANTS
 
 
 @contextlib.contextmanager
@@ -93,6 +119,28 @@ def structure_inputs(path: Path, seed: int) -> tuple[str, torch.Tensor, torch.Te
     return f"{Path(path).name} N={n} (real chain, backbone frames)", node_embed, backbone.ca[None], mask, rotations
 
 
+def timings(models: dict[str, IPAEncoder], chain: tuple, repeats: int) -> list[str]:
+    """Forward seconds (best of ``repeats``) of every dtype and variant on one chain."""
+    title, node_embed, ca, mask, rotations = chain
+    lines = ["", f"Forward time, {title}, best of {repeats} (other processes share this CPU: ratios only):"]
+    base = None
+    for name, model in models.items():
+        for variant, context in variants(name).items():
+            if variant == "uncentred":
+                continue
+            with torch.no_grad(), context():
+                model(node_embed, ca, mask, rotations)
+                best = math.inf
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    model(node_embed, ca, mask, rotations)
+                    best = min(best, time.perf_counter() - start)
+            base = base or best
+            lines.append(f"{name + ' ' + variant:>18}: {best:7.3f} s ({best / base:4.2f}x fp32)")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=512)
@@ -108,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also a real chain (PDB/mmCIF; needs gemmi): its CA positions and backbone frames, "
         "re-centred, then offset (repeatable)",
     )
+    p.add_argument("--repeats", type=int, default=3, help="timed forwards per variant (best is reported)")
     p.add_argument("--out", type=Path, help="also write the table to this file")
     args = p.parse_args(argv)
 
@@ -136,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"{title}: radius (max |x - centroid|) {ca0.norm(dim=-1).max().item():.1f} A",
             f"{'offset A':>8} {'max|x| A':>9} {'max|s|':>7} {'fp64 uncentred':>15} "
-            + " ".join(f"{f'{d} {c}':>20}" for d in dtypes for c in ("centred", "uncentred")),
+            + " ".join(f"{f'{d} {c}':>20}" for d in dtypes for c in variants(d)),
         ]
         print("\n".join(table), flush=True)
         for offset in [float(x) for x in args.offsets.split(",")]:
@@ -150,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                         ref_uncentred = reference(*inputs64).s
                 cells = []
                 for name in dtypes:
-                    for centred in (True, False):
-                        with contextlib.nullcontext() if centred else no_centring():
+                    for context in variants(name).values():
+                        with context():
                             s = models[name](node_embed, ca, mask, rotations).s.double()
                         err = (s - ref).abs()
                         cells.append(f"{err.max().item():9.2e} ({err.mean().item():8.1e})")
@@ -162,14 +211,16 @@ def main(argv: list[str] | None = None) -> int:
             table.append(line)
             print(line, flush=True)
         lines += table
+    lines += timings(models, chains[0], args.repeats)
     lines += [
         "",
         "Columns: 'fp32' / 'bf16' / 'fp16' = attn_dtype (q, k, v of the attention in that dtype, the rest",
         "fp32); 'centred' = as shipped (points relative to the protein's centroid); 'uncentred' =",
-        "ipa_export.model.ipa.masked_centroid monkeypatched to zeros. 'fp64 uncentred' = the reference without",
-        "centring minus the reference (a check: the offset is harmless in exact arithmetic).",
+        "ipa_export.model.ipa.masked_centroid monkeypatched to zeros; 'compensated' = as shipped (point terms",
+        "split into high and low parts); 'plain' = the point terms rounded once. 'fp64 uncentred' = the",
+        "reference without centring minus the reference (a check: the offset is harmless in exact arithmetic).",
     ]
-    print("\n".join(lines[-5:]))
+    print("\n".join(lines[-6:]))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
     return 0

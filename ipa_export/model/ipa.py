@@ -52,11 +52,23 @@ def masked_centroid(translations: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return (translations * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
 
 
-def split_high_low(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split fp32 x into high = x rounded to ``dtype`` (kept in x's dtype) and low = x - high
-    (exact in fp32), so that high + low rounded to ``dtype`` keeps ~twice its bits."""
-    high = x.to(dtype).to(x.dtype)
-    return high, x - high
+def point_terms(
+    q_points: torch.Tensor, k_points: torch.Tensor, k_norms: torch.Tensor, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The point channels of q_aug and k_aug (fp32), compensated when ``dtype`` is bf16/fp16.
+
+    q_points = w q^ and k_points = k^ [B, N, H, 3 P_qk]; k_norms = -w |k^|^2 / 2 [B, N, H, 1].
+    Returns lists to concatenate: ``[q_points, 1]`` and ``[k_points, k_norms]`` for fp32, else
+    ``[q_hi, q_hi, q_lo, 1, 1]`` and ``[k_hi, k_lo, k_hi, n_hi, n_lo]`` (high = rounded to
+    ``dtype``, low = the fp32 remainder, rounded when the caller casts to ``dtype``).
+    """
+    ones = torch.ones_like(k_norms)
+    if torch.finfo(dtype).bits >= 32:
+        return [q_points, ones], [k_points, k_norms]
+    exact = (q_points, k_points, k_norms)
+    q_hi, k_hi, n_hi = (x.to(dtype).float() for x in exact)
+    q_lo, k_lo, n_lo = (x - high for x, high in zip(exact, (q_hi, k_hi, n_hi), strict=True))
+    return [q_hi, q_hi, q_lo, ones, ones], [k_hi, k_lo, k_hi, n_hi, n_lo]
 
 
 class InvariantPointAttention(nn.Module):
@@ -127,15 +139,10 @@ class InvariantPointAttention(nn.Module):
         weight = F.softplus(self.head_weights.float()) * math.sqrt(1.0 / (3 * self.qk_points * 9.0 / 2))  # [H]
         weight = weight[:, None]
         dtype = self.attn_dtype
-        ones = q.new_ones(batch, length, heads, 1)
-        q_points = weight * q_pts.flatten(-2)  # [B, N, H, 3 P_qk], fp32
-        k_points = k_pts.flatten(-2)
         k_norms = -0.5 * weight * k_pts.square().sum((-1, -2))[..., None]  # [B, N, H, 1]
-        if torch.finfo(dtype).bits >= 32 or pair is not None:  # the dense pair path computes in fp32
-            q_terms, k_terms = [q_points, ones], [k_points, k_norms]
-        else:
-            (q_hi, q_lo), (k_hi, k_lo), (n_hi, n_lo) = (split_high_low(x, dtype) for x in (q_points, k_points, k_norms))
-            q_terms, k_terms = [q_hi, q_hi, q_lo, ones, ones], [k_hi, k_lo, k_hi, n_hi, n_lo]
+        q_terms, k_terms = point_terms(
+            weight * q_pts.flatten(-2), k_pts.flatten(-2), k_norms, dtype if pair is None else torch.float32
+        )  # the dense pair path computes in fp32
         q_aug = torch.cat([q / math.sqrt(3 * hidden), *q_terms, b1], dim=-1)
         k_aug = torch.cat([k, *k_terms, b2], dim=-1)
         v_aug = torch.cat([v, v_pts.flatten(-2), pair_2.flatten(-2)[:, :, None].expand(-1, -1, heads, -1)], dim=-1)

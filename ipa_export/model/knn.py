@@ -37,9 +37,7 @@ _GEMM_RTOL = 1e-5  # bound on the GEMM squared-distance error, relative to the s
 
 
 @torch.library.custom_op("ipa_export::knn", mutates_args=())
-def knn_indices(
-    coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> torch.Tensor:
+def knn_indices(coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Indices [B, N, k] int64 of the k nearest other valid residues, nearest first (ties, see
     the module docstring, by index); -1 where there is no neighbour (fewer than k other valid
     residues, or a padded query). coords [B, N, 3] float (Angstrom); mask [B, N] bool."""
