@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 from .errors import InputError
@@ -16,6 +20,48 @@ FRAME_UPDATE_CLIPS = ("reference", "clip")
 #: fields added after format_version 2 was released: a config without them gets their defaults
 ADDED_FIELDS = ("max_len", "distance_features", "num_rbf")
 DISTANCE_FEATURES = ("one_hot", "rbf")
+#: Documented maxima of the config's sizes and limits, so that a hostile config is rejected
+#: before anything is built; raise them explicitly with :func:`raised_limits`.
+MAXIMA: Mapping[str, float] = MappingProxyType(
+    {
+        "c_s": 8192,
+        "c_p": 2048,
+        "z_factor_rank": 64,
+        "feat_dim": 1024,
+        "knn_k": 256,
+        "num_bins": 1024,
+        "num_rbf": 1024,
+        "max_len": 16384,
+        "c_hidden": 1024,
+        "no_heads": 64,
+        "no_qk_points": 64,
+        "no_v_points": 64,
+        "depth": 64,
+        "num_residue_types": 4096,
+        "max_rot_update_deg": 180.0,
+        "max_trans_update": 1000.0,
+    }
+)
+_RAISED: ContextVar[Mapping[str, float]] = ContextVar("ipa_export_raised_limits", default=MappingProxyType({}))
+
+
+@contextmanager
+def raised_limits(**maxima: float) -> Iterator[None]:
+    """Raise :data:`MAXIMA` for the configs built inside the ``with`` block (this thread or
+    task only), e.g. ``with raised_limits(depth=128): IPAEncoder.from_pretrained(path)``."""
+    unknown = sorted(set(maxima) - set(MAXIMA))
+    if unknown:
+        raise ValueError(f"raised_limits: no maximum for {unknown}; the fields with one are {sorted(MAXIMA)}")
+    token = _RAISED.set(MappingProxyType({**_RAISED.get(), **maxima}))
+    try:
+        yield
+    finally:
+        _RAISED.reset(token)
+
+
+def maximum(name: str) -> float:
+    """The maximum of config field ``name`` in force (:data:`MAXIMA` or a raised one)."""
+    return _RAISED.get().get(name, MAXIMA[name])
 
 
 class ConfigCompatibilityError(InputError):
@@ -107,6 +153,12 @@ class EncoderConfig:
                 p.append(f"{name}: must be positive, got {getattr(self, name)}")
         if self.num_residue_types < 0:
             p.append(f"num_residue_types: must be >= 0, got {self.num_residue_types}")
+        for name in MAXIMA:
+            if getattr(self, name) > maximum(name):
+                p.append(
+                    f"{name}: must be <= {maximum(name):g} (the documented maximum; raise it with "
+                    f"ipa_export.config.raised_limits({name}=...)), got {getattr(self, name)}"
+                )
         return p
 
     @property
@@ -155,4 +207,6 @@ def _type_problems(values: Mapping[str, Any]) -> list[str]:
         elif isinstance(default, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 problems.append(f"{name}: must be a number, got {type(value).__name__} {value!r}")
+            elif not (abs(value) < 1e300 and math.isfinite(value)):  # a huge int overflows float()
+                problems.append(f"{name}: must be a finite number, got {value!r}")
     return problems

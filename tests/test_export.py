@@ -185,8 +185,9 @@ def test_tensor_shape_disagrees_with_config(saved):
     weights = load_file(saved / "model.safetensors")
     weights["ipa_stack.final_norm.weight"] = torch.ones(33)
     save_file(weights, saved / "model.safetensors")
-    assert load_problems(saved) == [
-        "tensor ipa_stack.final_norm.weight: shape [33] disagrees with the config, which needs [32]"
+    assert load_problems(saved) == [  # the config field first, then the tensor
+        "c_s: config says 32, the weights imply 33",
+        "tensor ipa_stack.final_norm.weight: shape [33] disagrees with the config, which needs [32]",
     ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import os
 import pickle
 import re
@@ -94,8 +95,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"(torch.load(weights_only=True) failed: {str(error).splitlines()[0]}). Re-save its state dict as "
             "plain tensors, e.g. torch.save({'model_state_dict': model.state_dict()}, path)"
         ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+    except Exception as error:  # whatever a damaged file makes the reader raise
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
     state, config = (data.get(STATE_DICT_KEY), data.get(CONFIG_KEY) or {}) if isinstance(data, dict) else (None, {})
     if state is None and isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
         data = {f"{name}.{k}": v for name, module in data.items() for k, v in module.items()}  # module state dicts
@@ -105,9 +106,23 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise InputError(
             f"{path}: expected a dict with 'model_state_dict' (and optionally 'config'), or a bare state dict"
         )
-    modules = {k: v for k, v in state.items() if k.startswith((STAGE1_EDGE, *native_keys.STACK_PREFIXES))}
+    prefixes = (STAGE1_EDGE, *native_keys.STACK_PREFIXES)
+    modules = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefixes)}
     if not modules:
         raise InputError(f"{path}: no '{STAGE1_EDGE}*' or '{STAGE1_IPA}*' tensors in the state dict")
+    problems = [
+        f"{k}: expected a floating-point tensor, got {v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}"
+        for k, v in modules.items()
+        if not (isinstance(v, torch.Tensor) and v.is_floating_point())
+    ]
+    problems += [
+        f"{k}: {n} non-finite value(s) (NaN or inf); the checkpoint is damaged"
+        for k, v in modules.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and (n := int((~torch.isfinite(v)).sum()))
+    ]
+    if problems:
+        shown = problems[:5] + ([f"... and {len(problems) - 5} more tensor(s)"] if len(problems) > 5 else [])
+        raise ConfigCompatibilityError(shown, context=f"checkpoint {path}")
     native = native_keys.is_native(modules)
     return Checkpoint(modules, config, hashlib.sha256(path.read_bytes()).hexdigest(), path, native)
 
@@ -136,6 +151,9 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any] | None = N
     must agree with the shapes. Converted BINDRAE models use the reference frame-update clip."""
     shapes = {k: tuple(v.shape) for k, v in checkpoint.encoder_state_dict().items()}
     overrides = dict(overrides or {})
+    malformed = IPAEncoder.implied_config(shapes, name=checkpoint_name)[1]  # before any division by a size
+    if malformed:
+        raise ConfigCompatibilityError(malformed, context=f"checkpoint {checkpoint.path}")
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
@@ -237,9 +255,14 @@ def convert(
     with writing_export(out, overwrite=overwrite, protect=[checkpoint.path]) as tmp:
         write_export(encoder, tmp, provenance=provenance, license=license)
         difference = parity_check(checkpoint, tmp)
-        if difference > PARITY_ATOL:
+        if not difference <= PARITY_ATOL:  # inf (non-finite outputs) fails too
             raise CheckFailedError(
-                f"conversion parity failed: the export differs from the source modules by {difference:.3g}"
+                "conversion parity failed: "
+                + (
+                    f"the export differs from the source modules by {difference:.3g}"
+                    if math.isfinite(difference)
+                    else "the outputs are not finite (NaN or inf) on a random protein; check the weights and config"
+                )
             )
         provenance["parity"] = (
             f"max |export - source| = {difference:.3g} over s, frames and edge factors "
@@ -255,9 +278,9 @@ def parity_length(config: EncoderConfig) -> int:
 
 
 def parity_check(checkpoint: Checkpoint, export_dir: Path) -> float:
-    """Max abs difference between the reloaded export and the source modules (an edge embedder
-    and a FlashIPA stack loaded from the checkpoint's own keys, composed as BINDRAE does) on a
-    random protein."""
+    """Max abs difference (inf where an output is not finite) between the reloaded export and
+    the source modules (an edge embedder and a FlashIPA stack loaded from the checkpoint's own
+    keys, composed as BINDRAE does) on a random protein."""
     encoder = IPAEncoder.from_pretrained(export_dir, attention="dense")
     edge, stack = _source_modules(checkpoint, encoder.config)
     length = parity_length(encoder.config)
@@ -277,7 +300,10 @@ def parity_check(checkpoint: Checkpoint, export_dir: Path) -> float:
         (out.z_f1, z_f1),
         (out.z_f2, z_f2),
     ]
-    return max((a - b).abs().max().item() for a, b in pairs if a.numel())  # no factors without pair bias
+    pairs = [(a, b) for a, b in pairs if a.numel()]  # no factors without pair bias
+    if not all(bool(torch.isfinite(a).all() and torch.isfinite(b).all()) for a, b in pairs):
+        return math.inf
+    return max((a - b).abs().max().item() for a, b in pairs)
 
 
 EdgeFactors = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

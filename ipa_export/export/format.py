@@ -44,6 +44,9 @@ EXPORT_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 #: What an export directory may hold: its files, and the compile caches ipa_export <= 0.2 kept
 #: there. An existing directory holding anything else is never replaced.
 EXPORT_NAMES = (*EXPORT_FILES, "compile_cache")
+MAX_CONFIG_BYTES = 1 << 20  #: config.json is refused unread beyond this size
+MAX_HEADER_BYTES = 16 << 20  #: the safetensors header (tensor names, shapes, metadata) likewise
+SHOWN_TENSOR_PROBLEMS = 3  #: tensor lines listed after the config fields that explain them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
@@ -123,18 +126,9 @@ def read_header(
     names, shapes and dtypes, and the caller's ``expected`` values).
     """
     directory = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name}: missing from the export")
-    try:
-        raw = json.loads((directory / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigCompatibilityError([f"{CONFIG_NAME}: not valid JSON ({error})"], context="export") from error
-    if not isinstance(raw, dict):
-        raise ConfigCompatibilityError(
-            [f"{CONFIG_NAME}: expected a JSON object, got {type(raw).__name__}"], context="export"
-        )
-    tensors, metadata = _read_safetensors_header(directory / WEIGHTS_NAME)
+    config_path, weights_path = (_export_file(directory, name) for name in (CONFIG_NAME, WEIGHTS_NAME))
+    raw = _read_config_json(config_path)
+    tensors, metadata = _read_safetensors_header(weights_path)
 
     problems: list[str] = []
     architecture = model_class.__name__
@@ -144,10 +138,16 @@ def read_header(
     writer = str(raw.get("ipa_export_version", "unknown"))
     if not isinstance(version, int) or isinstance(version, bool):
         problems.append(f"format_version: expected an integer, got {version!r}")
+    elif version < 1:
+        problems.append(f"format_version: expected a known version (1 to {FORMAT_VERSION}), got {version}")
     elif version > FORMAT_VERSION:
         problems.append(
             f"format_version: {version} is newer than this ipa_export {__version__} reads ({FORMAT_VERSION}); "
             f"upgrade to ipa-export>={writer} (pip install -U 'ipa-export>={writer}')"
+        )
+    if metadata.get("architecture", architecture) != architecture:  # absent in files re-saved by other tools
+        problems.append(
+            f"{WEIGHTS_NAME} metadata architecture: expected {architecture!r}, got {metadata.get('architecture')!r}"
         )
     dtype = raw.get("dtype")
     if dtype not in DTYPES:
@@ -165,14 +165,64 @@ def read_header(
         problems += _expected_problems(config, expected or {})
         if dtype in DTYPES:
             stored = tensors if version != 1 else {_v1_to_v2(k): v for k, v in tensors.items()}
-            problems += _tensor_problems(model_class, config, _SAFETENSORS_DTYPES[dtype], stored)
+            disagreements = _field_problems(model_class, config, stored)
+            tensor_problems = _tensor_problems(model_class, config, _SAFETENSORS_DTYPES[dtype], stored)
+            if disagreements and len(tensor_problems) > SHOWN_TENSOR_PROBLEMS:
+                more = len(tensor_problems) - SHOWN_TENSOR_PROBLEMS
+                tensor_problems = tensor_problems[:SHOWN_TENSOR_PROBLEMS] + [f"... and {more} more tensor(s)"]
+            problems += disagreements + tensor_problems
     if problems:
         raise ConfigCompatibilityError(problems, context=f"export {directory}")
     assert config is not None
     return ExportHeader(directory, config, dtype, version, writer, tensors, metadata)
 
 
+def _export_file(directory: Path, name: str) -> Path:
+    """``directory / name``, a regular file that stays inside the export: a symbolic link may
+    only point inside ``directory`` or, in a Hugging Face cache snapshot
+    (``snapshots/<revision>/``), into the repository's ``blobs/``."""
+    path = directory / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the export")
+    if path.is_symlink():
+        real, home = os.path.realpath(path), os.path.realpath(directory)
+        roots = [home] + ([os.path.join(os.path.dirname(os.path.dirname(home)), "blobs")] * (directory.parent.name == "snapshots"))
+        if not any(os.path.commonpath([root, real]) == root for root in roots):
+            raise ValueError(f"{path}: refused: a symbolic link out of the export directory (to {real})")
+    return path
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    """``config.json`` as a dict, read only if it is at most :data:`MAX_CONFIG_BYTES`."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigCompatibilityError(
+            [f"{CONFIG_NAME}: {size:,} bytes, more than the {MAX_CONFIG_BYTES:,} an export's config may have"],
+            context="export",
+        )
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read(MAX_CONFIG_BYTES + 1))
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError, a 5,000-digit number
+        raise ConfigCompatibilityError([f"{CONFIG_NAME}: not valid JSON ({error})"], context="export") from error
+    except RecursionError as error:
+        raise ConfigCompatibilityError([f"{CONFIG_NAME}: nested too deeply"], context="export") from error
+    if not isinstance(raw, dict):
+        raise ConfigCompatibilityError(
+            [f"{CONFIG_NAME}: expected a JSON object, got {type(raw).__name__}"], context="export"
+        )
+    return raw
+
+
 def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+    if length is not None and length > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"{path}: not a valid safetensors file (its header claims {length:,} bytes; at most "
+            f"{MAX_HEADER_BYTES:,} are read)"
+        )
     try:
         with safe_open(path, framework="pt") as f:
             tensors = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
@@ -180,6 +230,22 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str
     except (SafetensorError, OSError, ValueError) as error:
         raise InputError(f"{path}: not a valid safetensors file ({error})") from error
     return tensors, metadata
+
+
+def _field_problems(model_class: type, config: Any, tensors: Mapping[str, tuple[list[int], str]]) -> list[str]:
+    """Config fields that disagree with what the tensor shapes imply, read from the header
+    alone (``model_class.implied_config``, if the class has one): no model is built."""
+    implied = getattr(model_class, "implied_config", None)
+    if implied is None:
+        return []
+    fields, malformed = implied({k: shape for k, (shape, _) in tensors.items()})
+    values = config.to_dict()
+    disagreements = [
+        f"{field}: config says {values[field]!r}, the weights imply {value!r}"
+        for field, value in fields.items()
+        if values.get(field) != value
+    ]
+    return disagreements + malformed
 
 
 def _expected_problems(config: Any, expected: Mapping[str, Any]) -> list[str]:
