@@ -5,6 +5,7 @@ values never pass silently."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -13,10 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_encoder
+from conftest import CHECKPOINT, make_encoder
+from safetensors.torch import load_file, save_file
 from torch.utils._appending_byte_serializer import AppendingByteSerializer, BytesWriter
 
-from ipa_export import IPAEncoder
+from ipa_export import ConfigCompatibilityError, IPAEncoder
+from ipa_export.cli import main
+from ipa_export.config import raised_limits
 from ipa_export.model.compiling import compile_cache_file
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -128,3 +132,186 @@ def test_caches_are_keyed_by_the_exports_content(saved, tmp_path, user_cache):
     other = make_encoder(seed=6).save_pretrained(tmp_path / "other")
     assert compile_cache_file(copy, "cpu") == cache != compile_cache_file(other, "cpu")
     assert compile_cache_file(saved, "cuda") != cache
+
+
+# --- hostile configs: rejected before anything is built, each naming its field ----------------
+
+
+def edit_config(export: Path, edit) -> Path:
+    data = json.loads((export / "config.json").read_text())
+    edit(data)
+    (export / "config.json").write_text(json.dumps(data))
+    return export
+
+
+def load_problems(export: Path) -> list[str]:
+    with pytest.raises(ConfigCompatibilityError) as info:
+        IPAEncoder.from_pretrained(export)
+    return info.value.problems
+
+
+LIMIT = "(the documented maximum; raise it with ipa_export.config.raised_limits({0}=...))"
+HOSTILE_CONFIGS = {
+    "depth=10^6": (
+        lambda c: c["config"].update(depth=10**6),
+        f"config.depth: must be <= 64 {LIMIT.format('depth')}, got 1000000",
+    ),
+    "c_s=10^9": (
+        lambda c: c["config"].update(c_s=10**9),
+        f"config.c_s: must be <= 8192 {LIMIT.format('c_s')}, got 1000000000",
+    ),
+    "c_s=2^63": (
+        lambda c: c["config"].update(c_s=2**63),
+        f"config.c_s: must be <= 8192 {LIMIT.format('c_s')}, got {2**63}",
+    ),
+    "no_heads=2^40": (
+        lambda c: c["config"].update(no_heads=2**40),
+        f"config.no_heads: must be <= 64 {LIMIT.format('no_heads')}, got {2**40}",
+    ),
+    "max_trans_update=NaN": (
+        lambda c: c["config"].update(max_trans_update=float("nan")),
+        "config.max_trans_update: must be a finite number, got nan",
+    ),
+    "max_rot_update_deg=inf": (
+        lambda c: c["config"].update(max_rot_update_deg=float("inf")),
+        "config.max_rot_update_deg: must be a finite number, got inf",
+    ),
+    "format_version=0": (
+        lambda c: c.update(format_version=0),
+        "format_version: expected a known version (1 to 2), got 0",
+    ),
+    "format_version=-5": (
+        lambda c: c.update(format_version=-5),
+        "format_version: expected a known version (1 to 2), got -5",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_CONFIGS, ids=list(HOSTILE_CONFIGS))
+def test_hostile_config_values_are_named(saved, case):
+    edit, message = HOSTILE_CONFIGS[case]
+    assert load_problems(edit_config(saved, edit)) == [message]
+
+
+def test_oversized_and_deeply_nested_config_json(saved):
+    text = '{"pad": "' + "x" * (2 << 20) + '"}'
+    (saved / "config.json").write_text(text)
+    assert load_problems(saved) == [
+        f"config.json: {len(text):,} bytes, more than the 1,048,576 an export's config may have"
+    ]
+    (saved / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    assert load_problems(saved) == ["config.json: nested too deeply"]
+    (saved / "config.json").write_text('{"format_version": ' + "9" * 5000 + "}")
+    assert load_problems(saved)[0].startswith("config.json: not valid JSON")
+
+
+def test_limits_are_raised_explicitly_and_the_header_is_compared_before_any_model_is_built(saved):
+    edit_config(saved, lambda c: c["config"].update(depth=10**6))
+    with raised_limits(depth=10**6):  # would take minutes and GBs if a (meta) model were built
+        assert load_problems(saved) == ["depth: config says 1000000, the weights imply 2"]
+    with pytest.raises(ValueError, match=r"raised_limits: no maximum for \['colour'\]"):
+        with raised_limits(colour=3):
+            pass
+
+
+def test_config_weights_disagreement_names_the_field_first(saved):
+    edit_config(saved, lambda c: c["config"].update(c_s=72))
+    problems = load_problems(saved)
+    assert problems[0] == "c_s: config says 72, the weights imply 32" and len(problems) == 1
+
+
+def test_metadata_architecture_must_match(saved):
+    weights = load_file(saved / "model.safetensors")
+    save_file(weights, saved / "model.safetensors", metadata={"format": "pt", "architecture": "Bogus"})
+    assert load_problems(saved) == ["model.safetensors metadata architecture: expected 'IPAEncoder', got 'Bogus'"]
+
+
+def test_symlinks_out_of_an_export_are_refused(saved, tmp_path):
+    outside = tmp_path / "outside.json"
+    (saved / "config.json").rename(outside)
+    (saved / "config.json").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"config.json: refused: a symbolic link out of the export directory"):
+        IPAEncoder.from_pretrained(saved)
+    (saved / "config.json").unlink()
+    (saved / "elsewhere.json").write_bytes(outside.read_bytes())
+    (saved / "config.json").symlink_to("elsewhere.json")  # inside the export: fine
+    IPAEncoder.from_pretrained(saved)
+
+
+# --- non-finite values ------------------------------------------------------------------------
+
+
+def test_non_finite_or_huge_inputs_at_valid_residues_are_errors():
+    encoder = make_encoder()
+    node_embed, coords = torch.randn(1, 20, 32), 10 * torch.randn(1, 20, 3)
+    mask = torch.ones(1, 20, dtype=torch.bool)
+    bad_embed = node_embed.clone()
+    bad_embed[0, 3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"node_embed: expected finite values at valid residues, .* \(0, 3\)"):
+        encoder(bad_embed, coords, mask)
+    bad_embed[0, 3, 5] = 1e30
+    with pytest.raises(ValueError, match=r"node_embed: expected \|values\| <= 1e\+06 .* got 1e\+30 at .* \(0, 3\)"):
+        encoder(bad_embed, coords, mask)
+    far = coords.clone()
+    far[0, 7] = 1e20
+    with pytest.raises(ValueError, match=r"translations: expected \|values\| <= 1e\+05 .*Angstrom.* \(0, 7\)"):
+        encoder(node_embed, far, mask)
+    mask[0, 7] = False  # padding is ignored, whatever it holds
+    assert torch.isfinite(encoder(node_embed, far, mask).s).all()
+
+
+# --- malformed and non-finite checkpoints: one-line errors, nothing written --------------------
+
+
+def damaged_checkpoint(tmp_path: Path, edit) -> Path:
+    data = torch.load(CHECKPOINT, weights_only=True)
+    edit(data["model_state_dict"], data)
+    torch.save(data, tmp_path / "damaged.pt")
+    return tmp_path / "damaged.pt"
+
+
+EDGE, BLOCK = "edge_embedder.edge_embedder.", "ipa_module.ipa_blocks.0.ipa."
+DAMAGED_CHECKPOINTS = {
+    "1-D weight": (
+        lambda s, d: s.update({EDGE + "linear_s_p.weight": torch.zeros(5)}),
+        f"{EDGE}linear_s_p.weight: expected 2 non-empty dimension(s), got shape [5]",
+    ),
+    "zero heads": (
+        lambda s, d: s.update({BLOCK + "linear_b.weight": torch.zeros(0, 16)}),
+        f"{BLOCK}linear_b.weight: expected 2 non-empty dimension(s), got shape [0, 16]",
+    ),
+    "zero-wide features": (
+        lambda s, d: s.update({EDGE + "linear_relpos.weight": torch.zeros(16, 0)}),
+        f"{EDGE}linear_relpos.weight: expected 2 non-empty dimension(s), got shape [16, 0]",
+    ),
+    "a list for a tensor": (
+        lambda s, d: s.update({BLOCK + "linear_q.weight": [1, 2]}),
+        f"{BLOCK}linear_q.weight: expected a floating-point tensor, got list",
+    ),
+    "NaN weight": (
+        lambda s, d: s[BLOCK + "linear_q.weight"].view(-1)[:3].fill_(float("nan")),
+        f"{BLOCK}linear_q.weight: 3 non-finite value(s) (NaN or inf); the checkpoint is damaged",
+    ),
+    "NaN in its config": (
+        lambda s, d: d.update(config={**d.get("config", {}), "max_trans_update": float("nan")}),
+        "max_trans_update: must be a finite number, got nan",
+    ),
+    "finite weights, overflowing outputs": (
+        lambda s, d: s[BLOCK + "linear_q.weight"].fill_(3e38),
+        "conversion parity failed: the outputs are not finite (NaN or inf) on a random protein",
+    ),
+    "missing block": (
+        lambda s, d: [s.pop(k) for k in list(s) if k.startswith("ipa_module.ipa_blocks.0.")],
+        "ipa_module.ipa_blocks: block numbers [1] are not 0, 1, 2, ...",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_CHECKPOINTS, ids=list(DAMAGED_CHECKPOINTS))
+def test_damaged_checkpoints_are_one_line_errors_and_nothing_is_written(tmp_path, capsys, case):
+    edit, message = DAMAGED_CHECKPOINTS[case]
+    path = damaged_checkpoint(tmp_path, edit)
+    assert main(["convert", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.pt"]

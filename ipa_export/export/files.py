@@ -24,7 +24,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -217,15 +217,16 @@ def _describe(error: OSError) -> str:
 
 
 def _refuse_inputs(target: Path, protect: Iterable[str | os.PathLike]) -> None:
-    inside: Callable[[str, str], bool] = lambda path, root: (
-        path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-    )
     real = os.path.realpath(target)
-    if inside(os.path.realpath(os.getcwd()), real):
+    if _inside(os.path.realpath(os.getcwd()), real):
         raise InputError(f"{target}: is the current directory (or holds it); write to another directory")
     for path in protect:
-        if inside(os.path.realpath(path), real):
+        if _inside(os.path.realpath(path), real):
             raise InputError(f"{target}: holds the input {path}; write to another directory")
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _make_parents(directory: Path) -> list[Path]:

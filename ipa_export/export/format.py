@@ -165,12 +165,14 @@ def read_header(
         problems += _expected_problems(config, expected or {})
         if dtype in DTYPES:
             stored = tensors if version != 1 else {_v1_to_v2(k): v for k, v in tensors.items()}
-            disagreements = _field_problems(model_class, config, stored)
-            tensor_problems = _tensor_problems(model_class, config, _SAFETENSORS_DTYPES[dtype], stored)
-            if disagreements and len(tensor_problems) > SHOWN_TENSOR_PROBLEMS:
-                more = len(tensor_problems) - SHOWN_TENSOR_PROBLEMS
-                tensor_problems = tensor_problems[:SHOWN_TENSOR_PROBLEMS] + [f"... and {more} more tensor(s)"]
-            problems += disagreements + tensor_problems
+            fields, larger = _field_problems(model_class, config, stored)
+            # A few tensors follow the fields they explain, unless the config claims more than
+            # the header holds: no model (even on the meta device) is built for such a config.
+            tensors_wrong = [] if larger else _tensor_problems(model_class, config, _SAFETENSORS_DTYPES[dtype], stored)
+            if fields and len(tensors_wrong) > SHOWN_TENSOR_PROBLEMS:
+                more = len(tensors_wrong) - SHOWN_TENSOR_PROBLEMS
+                tensors_wrong = tensors_wrong[:SHOWN_TENSOR_PROBLEMS] + [f"... and {more} more tensor(s)"]
+            problems += fields + tensors_wrong
     if problems:
         raise ConfigCompatibilityError(problems, context=f"export {directory}")
     assert config is not None
@@ -186,7 +188,9 @@ def _export_file(directory: Path, name: str) -> Path:
         raise FileNotFoundError(f"{path}: missing from the export")
     if path.is_symlink():
         real, home = os.path.realpath(path), os.path.realpath(directory)
-        roots = [home] + ([os.path.join(os.path.dirname(os.path.dirname(home)), "blobs")] * (directory.parent.name == "snapshots"))
+        roots = [home]
+        if directory.parent.name == "snapshots":
+            roots.append(os.path.join(os.path.dirname(os.path.dirname(home)), "blobs"))
         if not any(os.path.commonpath([root, real]) == root for root in roots):
             raise ValueError(f"{path}: refused: a symbolic link out of the export directory (to {real})")
     return path
@@ -232,20 +236,22 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str
     return tensors, metadata
 
 
-def _field_problems(model_class: type, config: Any, tensors: Mapping[str, tuple[list[int], str]]) -> list[str]:
+def _field_problems(
+    model_class: type, config: Any, tensors: Mapping[str, tuple[list[int], str]]
+) -> tuple[list[str], bool]:
     """Config fields that disagree with what the tensor shapes imply, read from the header
-    alone (``model_class.implied_config``, if the class has one): no model is built."""
+    alone (``model_class.implied_config``, if the class has one; no model is built), and
+    whether the config claims more than the header holds (or the header is malformed)."""
     implied = getattr(model_class, "implied_config", None)
     if implied is None:
-        return []
+        return [], False
     fields, malformed = implied({k: shape for k, (shape, _) in tensors.items()})
     values = config.to_dict()
-    disagreements = [
-        f"{field}: config says {values[field]!r}, the weights imply {value!r}"
-        for field, value in fields.items()
-        if values.get(field) != value
+    wrong = {field: value for field, value in fields.items() if values.get(field) != value}
+    problems = [
+        f"{field}: config says {values[field]!r}, the weights imply {value!r}" for field, value in wrong.items()
     ]
-    return disagreements + malformed
+    return problems + malformed, bool(malformed) or any(values[field] > value for field, value in wrong.items())
 
 
 def _expected_problems(config: Any, expected: Mapping[str, Any]) -> list[str]:

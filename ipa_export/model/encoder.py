@@ -149,7 +149,7 @@ class IPAEncoder(ExportMixin, nn.Module):
         shapes alone: no model is built, so a hostile config costs nothing. Returns
         ``(fields, problems)``: fields whose tensors are absent are left out; each malformed
         tensor is a problem naming it (``name`` maps keys for messages)."""
-        fields: dict[str, int] = {}
+        fields: dict[str, int | None] = {}
         problems: list[str] = []
 
         def shape(key: str, ndim: int) -> Sequence[int] | None:
@@ -174,26 +174,25 @@ class IPAEncoder(ExportMixin, nn.Module):
             fields["c_s"] = norm[0]
         if embedding := shape("residue_embedding.weight", 2):
             fields["num_residue_types"] = embedding[0]
-        if (heads := shape(block + "linear_b.weight", 2)) is not None:
-            fields["no_heads"] = h = heads[0]
+        if heads := shape(block + "linear_b.weight", 2):
+            h = fields["no_heads"] = heads[0]
             if q := shape(block + "linear_q.weight", 2):
-                fields["c_hidden"] = quotient(block + "linear_q.weight", q[0], h, "no_heads")  # type: ignore[assignment]
+                fields["c_hidden"] = quotient(block + "linear_q.weight", q[0], h, "no_heads")
             if qp := shape(block + "linear_q_points.weight", 2):
-                fields["no_qk_points"] = quotient(block + "linear_q_points.weight", qp[0], 3 * h, "3 no_heads")  # type: ignore[assignment]
-            if (kvp := shape(block + "linear_kv_points.weight", 2)) and fields.get("no_qk_points"):
-                kv = quotient(block + "linear_kv_points.weight", kvp[0], 3 * h, "3 no_heads")
-                fields["no_v_points"] = kv - fields["no_qk_points"] if kv else None  # type: ignore[assignment]
+                fields["no_qk_points"] = quotient(block + "linear_q_points.weight", qp[0], 3 * h, "3 no_heads")
+            kvp = shape(block + "linear_kv_points.weight", 2)
+            if kvp and (kv := quotient(block + "linear_kv_points.weight", kvp[0], 3 * h, "3 no_heads")):
+                fields["no_v_points"] = kv - fields["no_qk_points"] if fields.get("no_qk_points") else None
         if mlp := shape(edge + "edge_embedder.0.weight", 2):
             fields["c_p"] = mlp[0]
         if relpos := shape(edge + "linear_relpos.weight", 2):
-            fields["feat_dim"] = f = relpos[1]
+            f = fields["feat_dim"] = relpos[1]
             s_p, t = shape(edge + "linear_s_p.weight", 2), shape(edge + "linear_t_distogram.weight", 2)
             if s_p and t and (rank := quotient(edge + "linear_s_p.weight", s_p[0], 2 * f, "2 feat_dim")):
                 fields["z_factor_rank"] = rank
-                bins = quotient(edge + "linear_t_distogram.weight", t[0], 2 * rank, "2 z_factor_rank")
+                bins = fields["num_bins"] = quotient(edge + "linear_t_distogram.weight", t[0], 2 * rank, "2 rank")
                 if bins:
-                    fields["num_bins"] = bins
-                    fields["knn_k"] = quotient(edge + "linear_t_distogram.weight", t[1], bins + f, "num_bins + feat_dim")  # type: ignore[assignment]
+                    fields["knn_k"] = quotient(edge + "linear_t_distogram.weight", t[1], bins + f, "bins + feat_dim")
         if compressor := shape(edge + "factorizer.length_compressor.weight", 2):
             fields["z_factor_rank"], fields["max_len"] = compressor
         return {k: v for k, v in fields.items() if v is not None}, problems

@@ -68,7 +68,9 @@ def check_structure_inputs(
         inputs = {"node_embed": node_embed, "translations": translations, "node_mask": node_mask}
         check_devices(device, **inputs, rotations=rotations, trans_sc=trans_sc)  # type: ignore[arg-type]
     check_not_empty(mask)
-    check_values(mask, translations=translations, rotations=rotations, trans_sc=trans_sc)  # type: ignore[arg-type]
+    check_values(  # type: ignore[arg-type]
+        mask, translations=translations, rotations=rotations, trans_sc=trans_sc, node_embed=node_embed
+    )
 
 
 def check_devices(device: torch.device, **tensors: torch.Tensor | None) -> None:
@@ -115,8 +117,14 @@ def check_not_empty(node_mask: torch.Tensor) -> None:
         raise InputError(f"node_mask: empty batch, got shape {list(node_mask.shape)}")
 
 
+#: Largest |value| accepted at a valid residue, by argument: coordinates (Angstrom) beyond
+#: 1e5 leave fp32 distances without precision; node embeddings beyond 1e6 overflow LayerNorm.
+VALUE_BOUNDS = {"translations": 1e5, "trans_sc": 1e5, "frames.translations": 1e5, "node_embed": 1e6}
+
+
 def check_values(node_mask: torch.Tensor, **coordinates: torch.Tensor | None) -> None:
-    """Eager-only checks: each protein has a valid residue; coordinates are finite at valid residues."""
+    """Eager-only checks: each protein has a valid residue; values are finite (and within
+    :data:`VALUE_BOUNDS`) at valid residues."""
     if not checking_values():
         return
     empty = (~node_mask.any(dim=1)).nonzero().flatten().tolist()
@@ -130,4 +138,12 @@ def check_values(node_mask: torch.Tensor, **coordinates: torch.Tensor | None) ->
             where = bad.nonzero()[0].tolist()
             raise InputError(
                 f"{name}: expected finite values at valid residues, found NaN or inf at (batch, residue) {tuple(where)}"
+            )
+        bound = VALUE_BOUNDS.get(name)
+        if bound is not None and (large := (x.flatten(2).abs().amax(-1) > bound) & node_mask).any():
+            where = tuple(large.nonzero()[0].tolist())
+            raise ValueError(
+                f"{name}: expected |values| <= {bound:.0e} at valid residues"
+                + (" (coordinates are in Angstrom)" if name != "node_embed" else "")
+                + f", got {x[where].abs().max().item():.3g} at (batch, residue) {where}"
             )
