@@ -51,7 +51,7 @@ def raised_limits(**maxima: float) -> Iterator[None]:
     task only), e.g. ``with raised_limits(depth=128): IPAEncoder.from_pretrained(path)``."""
     unknown = sorted(set(maxima) - set(MAXIMA))
     if unknown:
-        raise ValueError(f"raised_limits: no maximum for {unknown}; the fields with one are {sorted(MAXIMA)}")
+        raise InputError(f"raised_limits: no maximum for {unknown}; the fields with one are {sorted(MAXIMA)}")
     token = _RAISED.set(MappingProxyType({**_RAISED.get(), **maxima}))
     try:
         yield

@@ -57,7 +57,7 @@ def atomic_directory(
     ``owned``: the names a ``kind`` directory holds; ``marker``: the one every such
     directory holds. Raises FileExistsError for a target that is not an empty or ``kind``
     directory (even with ``overwrite``), an existing one without ``overwrite``, or one
-    another process is writing; ValueError for a target that is (or holds) the current
+    another process is writing; InputError (a ValueError) for a target that is (or holds) the current
     directory or one of the ``protect`` paths (the inputs of the write).
     """
     target = Path(os.path.abspath(target))  # "." and ".." resolved; symlinks are not followed

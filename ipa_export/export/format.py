@@ -192,7 +192,7 @@ def _export_file(directory: Path, name: str) -> Path:
         if directory.parent.name == "snapshots":
             roots.append(os.path.join(os.path.dirname(os.path.dirname(home)), "blobs"))
         if not any(os.path.commonpath([root, real]) == root for root in roots):
-            raise ValueError(f"{path}: refused: a symbolic link out of the export directory (to {real})")
+            raise InputError(f"{path}: refused: a symbolic link out of the export directory (to {real})")
     return path
 
 
@@ -223,7 +223,7 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str
         prefix = f.read(8)
     length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
     if length is not None and length > MAX_HEADER_BYTES:
-        raise ValueError(
+        raise InputError(
             f"{path}: not a valid safetensors file (its header claims {length:,} bytes; at most "
             f"{MAX_HEADER_BYTES:,} are read)"
         )

@@ -142,7 +142,7 @@ def check_values(node_mask: torch.Tensor, **coordinates: torch.Tensor | None) ->
         bound = VALUE_BOUNDS.get(name)
         if bound is not None and (large := (x.flatten(2).abs().amax(-1) > bound) & node_mask).any():
             where = tuple(large.nonzero()[0].tolist())
-            raise ValueError(
+            raise InputError(
                 f"{name}: expected |values| <= {bound:.0e} at valid residues"
                 + (" (coordinates are in Angstrom)" if name != "node_embed" else "")
                 + f", got {x[where].abs().max().item():.3g} at (batch, residue) {where}"
