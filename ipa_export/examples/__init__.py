@@ -1,0 +1,1 @@
+"""Worked examples, runnable with ``python -m ipa_export.examples.<name>``."""
