@@ -3,6 +3,7 @@ beats the no-motion baseline), keeps the export frozen, and samples."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import STRUCTURES
 
@@ -12,6 +13,7 @@ from ipa_export.examples import flow_matching
 EXPORT = STRUCTURES.parents[2] / "checkpoints" / "bindrae-ipa-tiny"
 
 
+@pytest.mark.slow  # 40 training steps: ~25 CPU-seconds
 def test_short_training_beats_the_trivial_baseline_and_keeps_the_export_frozen():
     structures = sorted(STRUCTURES.glob("*.pdb.gz"))
     model, losses, ratio = flow_matching.train(EXPORT, structures, steps=40, length=24, seed=0)
