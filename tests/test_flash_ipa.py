@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from ipa_export import ConfigCompatibilityError, EncoderConfig, FlashIPAStack, Frames, IPAEncoder
 from ipa_export.bindrae.convert import convert
+from ipa_export.errors import InputError, InputTypeError
 from ipa_export.flash_ipa import EdgeEmbedder, EdgeEmbedderConfig, InvariantPointAttention, IPAConfig
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "native"
@@ -164,6 +166,17 @@ def test_padding_and_batch_neighbours_do_not_change_a_protein(mode: str) -> None
         assert b[0, n:].abs().max() == 0, f"{name} not zero at padding"
 
 
+def step(edge: EdgeEmbedder, ipa: InvariantPointAttention, rigid: bool = False):  # type: ignore[no-untyped-def]
+    """(node_embed, translations, rotations, mask) -> s through both modules, frames as a Rigid or a pair."""
+
+    def call(node_embed, translations, rotations, mask):  # type: ignore[no-untyped-def]
+        edge_embed, z_f1, z_f2, _ = edge(node_embed, translations, translations, mask)
+        r = Rigid(Rotation(rotations), translations) if rigid else (rotations, translations)
+        return ipa(node_embed, edge_embed, z_f1, z_f2, r, mask)
+
+    return call
+
+
 def run(edge, ipa, node_embed, translations, rotations, mask):  # type: ignore[no-untyped-def]
     edge_embed, z_f1, z_f2, _ = edge(node_embed, translations, translations, mask)
     s = ipa(node_embed, edge_embed, z_f1, z_f2, (rotations, translations), mask)
@@ -271,14 +284,9 @@ def test_flash_modes_compile_without_graph_breaks(mode: str) -> None:
     t, edge, ipa = load_case(mode)
     node_embed, translations, rotations = t["inputs.node_embed"], t["inputs.translations"], t["inputs.rotations"]
     mask = t["inputs.node_mask"].float()
-
-    def step(node_embed, translations, rotations, mask):  # type: ignore[no-untyped-def]
-        edge_embed, z_f1, z_f2, _ = edge(node_embed, translations, translations, mask)
-        return ipa(node_embed, edge_embed, z_f1, z_f2, Rigid(Rotation(rotations), translations), mask)
-
     torch._dynamo.reset()
     with torch.no_grad():
-        explanation = torch._dynamo.explain(step)(node_embed, translations, rotations, mask)
+        explanation = torch._dynamo.explain(step(edge, ipa, rigid=True))(node_embed, translations, rotations, mask)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
@@ -303,17 +311,53 @@ def test_compiled_native_modules_match_eager_and_the_golden(mode: str) -> None:
     t, edge, ipa = load_case(mode)
     node_embed, translations, rotations = t["inputs.node_embed"], t["inputs.translations"], t["inputs.rotations"]
     mask = t["inputs.node_mask"].bool()
-
-    def step(node_embed, translations, rotations, mask):  # type: ignore[no-untyped-def]
-        edge_embed, z_f1, z_f2, _ = edge(node_embed, translations, translations, mask)
-        return ipa(node_embed, edge_embed, z_f1, z_f2, (rotations, translations), mask)
-
+    eager = step(edge, ipa)
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    compiled = torch.compile(eager, fullgraph=True, dynamic=True)
     with torch.no_grad():
         torch.testing.assert_close(
             compiled(node_embed, translations, rotations, mask), t["outputs.s"], atol=ATOL, rtol=0
         )
         short = [x[:, :40] for x in (node_embed, translations, rotations, mask)]  # another length, same graph
-        torch.testing.assert_close(compiled(*short), step(*short), atol=ATOL, rtol=0)
+        torch.testing.assert_close(compiled(*short), eager(*short), atol=ATOL, rtol=0)
     torch._dynamo.reset()
+
+
+def test_errors_name_the_argument_and_the_fix() -> None:
+    t, edge, ipa = load_case("flash_1d_bias")
+    node_embed, translations, rotations = t["inputs.node_embed"], t["inputs.translations"], t["inputs.rotations"]
+    mask = t["inputs.node_mask"]
+    _, z_f1, z_f2, _ = edge(node_embed, translations, translations, mask)
+    modes = "['orig_no_bias', 'orig_2d_bias', 'flash_no_bias', 'flash_1d_bias', 'flash_2d_factorize_bias']"
+    with pytest.raises(InputError, match=re.escape(f"mode: must be one of {modes}, got 'flash_3d_bias'")):
+        EdgeEmbedder(EdgeEmbedderConfig(mode="flash_3d_bias"))
+    with pytest.raises(InputError, match=r"edge_embed, edge_mask: must be None in mode 'flash_1d_bias'"):
+        edge(node_embed, translations, translations, mask, edge_embed=torch.zeros(1, 48, 48, 32))
+    with pytest.raises(InputTypeError, match="node_mask: expected a torch.Tensor, got list"):
+        edge(node_embed, translations, translations, [1] * 48)
+    frames = (rotations, translations)
+    with pytest.raises(InputError, match=re.escape("z_factor_1 and z_factor_2: required by an IPA with c_z = 32")):
+        ipa(node_embed, None, None, None, frames, mask)
+    with pytest.raises(InputError, match=re.escape("z_factor_1: expected shape [B=1, N=48, R=2, c_z=32], got")):
+        ipa(node_embed, None, z_f1[:, :, :1], z_f2, frames, mask)
+    no_pair = InvariantPointAttention(IPAConfig(c_s=64, c_z=0, z_factor_rank=0, c_hidden=16, no_heads=4))
+    with pytest.raises(InputError, match=re.escape("this IPA has no pair term (c_z = 0); pass None")):
+        no_pair(node_embed, None, z_f1, z_f2, frames, mask)
+    with pytest.raises(InputError, match=re.escape("eps: only 1e-08 (flash_ipa's default) is supported, got 1e-06")):
+        InvariantPointAttention(IPAConfig(), eps=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_parameter_a_mode_uses_gets_a_gradient(mode: str) -> None:
+    """The native modules train: a loss on s reaches every parameter that enters the output."""
+    t, edge, ipa = load_case(mode)
+    node_embed, translations, rotations = t["inputs.node_embed"], t["inputs.translations"], t["inputs.rotations"]
+    s = step(edge.train(), ipa.train())(node_embed, translations, rotations, t["inputs.node_mask"])
+    s.square().mean().backward()
+    unused = {"edge_embedder."} if "no_bias" in mode else set()  # flash_ipa's MLP, never used there
+    for module, name in ((edge, "edge"), (ipa, "ipa")):
+        for key, p in module.named_parameters():
+            if any(key.startswith(u) for u in unused) and name == "edge":
+                assert p.grad is None, key
+                continue
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, f"{name}.{key}"
