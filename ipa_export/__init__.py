@@ -15,12 +15,15 @@ from .model.edge_embedder import EdgeEmbedder
 from .model.encoder import EncoderOutput, EncoderOutputWithHiddenStates, HiddenStates, IPAEncoder
 from .model.frames import Frames
 from .model.stack import FlashIPAStack
+from .structures.corpus import EmbedSummary, embed_corpus
+from .structures.shards import load_embeddings
 
 __all__ = [
     "ConfigCompatibilityError",
     "EdgeEmbedder",
     "EdgeEmbedderAdapter",
     "EncoderConfig",
+    "EmbedSummary",
     "EncoderOutput",
     "EncoderOutputWithHiddenStates",
     "FlashIPAModule",
@@ -34,4 +37,6 @@ __all__ = [
     "__version__",
     "create_edge_embedder",
     "create_flashipa_module",
+    "embed_corpus",
+    "load_embeddings",
 ]

@@ -1,7 +1,8 @@
 """``ipa-export``: convert, inspect, validate, push and embed with frozen IPA encoders.
 
-Exit codes: 0 success, 1 a check failed (validate's self-check, convert's parity check),
-2 bad input or usage (one line on stderr), 141 the output pipe was closed (`| head`).
+Exit codes: 0 success, 1 a check failed (validate's self-check, convert's parity check, embed
+--fail-fast), 2 bad input or usage (one line on stderr), 3 embed finished but some chains or
+files failed, 141 the output pipe was closed (`| head`).
 Any other error is a bug and shows its traceback.
 """
 
@@ -21,6 +22,7 @@ import torch
 
 from ._version import __version__
 from .errors import CheckFailedError, InputError, IPAExportError
+from .structures.corpus import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, DEFAULT_OUTPUTS, DEFAULT_SHARD_SIZE
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_BROKEN_PIPE = 128 + 13  # killed by SIGPIPE, what other Unix tools report
@@ -100,15 +102,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=run_push)
 
     p = commands.add_parser(
-        "embed", help="embed protein structures (PDB/mmCIF) and write per-residue outputs to safetensors"
+        "embed",
+        help="embed every protein chain of PDB/mmCIF files, directories or a manifest into Parquet shards",
+        description="Embed structures into DIR/part-NNNNN.parquet (one row per chain), DIR/_errors.jsonl and "
+        "DIR/_manifest.json. Re-running into the same --out resumes. Exit codes: 0 all embedded, 1 stopped by "
+        "--fail-fast, 2 bad arguments, 3 some chains or files failed (see DIR/_errors.jsonl).",
     )
     p.add_argument("export", help="export directory or Hub repo id")
-    p.add_argument("structures", nargs="+", type=Path, help="structure files (.pdb, .cif, optionally .gz)")
-    p.add_argument("--out", type=Path, required=True, help="directory for one <name>.safetensors per structure")
     p.add_argument(
-        "--node-embed", type=Path, help="node embeddings [N, c_s] (.safetensors or .pt) for a single structure"
+        "inputs", nargs="*", type=Path, help="structure files (.pdb/.ent/.cif/.mmcif, optionally .gz) or directories"
     )
-    p.add_argument("--chain", help="chain to read (default: the first protein chain)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (created; resumed when it exists)")
+    p.add_argument("--manifest", type=Path, help="file listing one structure path per line, optionally TAB chain id")
+    p.add_argument("--chain", help="embed only this chain of every file (default: every protein chain)")
+    p.add_argument(
+        "--outputs",
+        default=",".join(DEFAULT_OUTPUTS),
+        help=f"comma-separated tensor columns (default {','.join(DEFAULT_OUTPUTS)}; also z_f1, z_f2)",
+    )
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="padded residues per batch")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="most chains per batch")
+    p.add_argument("--max-length", type=int, help="chains longer than this become error records")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="rows per Parquet shard (about)")
+    p.add_argument(
+        "--node-embed",
+        type=Path,
+        help="node embeddings keyed by record id: a directory of <id>.safetensors/.pt, or one .safetensors or "
+        ".parquet (columns id, node_embed) file (default: the export's residue-type table)",
+    )
+    p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--dtype", help="model dtype, e.g. float32, bfloat16")
+    p.add_argument("--attention", help="attention backend override (dense, sdpa, flash_attn, auto)")
+    p.add_argument("--compile", action="store_true", help="run the encoder under torch.compile")
+    p.add_argument("--overwrite", action="store_true", help="replace embeddings of another export/config in --out")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed chain or file (exit 1)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or Ray Data")
+    p.add_argument("--ray-address", help="Ray cluster address for --engine ray (default: a local instance)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, log lines or summary")
     p.set_defaults(run=run_embed)
     return parser
 
@@ -259,15 +289,31 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from .structures.embed import embed_structures
+    from .structures.corpus import EmbedFailure, embed_corpus
 
-    results = embed_structures(
-        args.export, args.structures, args.out, node_embed_path=args.node_embed, chain=args.chain
-    )
-    for result in results:
-        print(f"{result.name}: {result.length} residues, |s| mean {result.mean_norm:.3f} -> {result.path}")
-    print(f"embedded {len(results)} structure(s) with {args.export} into {args.out}")
-    return EXIT_OK
+    if not args.quiet:
+        logging.getLogger("ipa_export.structures").setLevel(logging.INFO)
+    try:
+        summary = embed_corpus(
+            args.export, args.inputs, args.out, manifest=args.manifest, chain=args.chain,
+            outputs=[o.strip() for o in args.outputs.split(",") if o.strip()], max_tokens=args.max_tokens,
+            batch_size=args.batch_size, max_length=args.max_length, shard_size=args.shard_size,
+            node_embed=args.node_embed, device=args.device, dtype=args.dtype, attention=args.attention,
+            compile=args.compile, overwrite=args.overwrite, fail_fast=args.fail_fast, engine=args.engine,
+            ray_address=args.ray_address, progress=False if args.quiet else None,
+        )  # fmt: skip
+    except EmbedFailure as failure:
+        print(f"ipa-export embed: stopped (--fail-fast): {failure}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    if not args.quiet:
+        print(
+            f"{summary.records} chain(s) embedded ({summary.residues:,} residues, "
+            f"{summary.residues / max(summary.seconds, 1e-9):,.0f} residues/s), {summary.skipped} already done, "
+            f"{summary.errors} error(s) -> {summary.out} ({len(summary.shards)} shard(s))"
+        )
+        if summary.errors:
+            print(f"failed chains and files: {summary.out / '_errors.jsonl'}")
+    return summary.exit_code
 
 
 def _short_config(config: dict[str, Any]) -> str:

@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CHECKPOINT, STRUCTURES
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from ipa_export import IPAEncoder
+from ipa_export import IPAEncoder, load_embeddings
 from ipa_export.cli import main
 from ipa_export.structures.reader import read_backbone
 
@@ -67,59 +65,27 @@ def test_inspect_reads_the_header_only(capsys):
 
 
 def test_embed_real_structures_with_the_shipped_export(tmp_path, capsys):
+    # The README's main-job command: two files -> one Parquet shard, one row per chain.
     structures = [STRUCTURE, STRUCTURES / "4ake_adk_open.pdb.gz"]
     code, out, _ = run(capsys, "embed", SHIPPED, *structures, "--out", tmp_path)
-    assert code == 0 and "embedded 2 structure(s)" in out
-    together = load_file(tmp_path / "4ake_adk_open.safetensors")
-    backbone = read_backbone(STRUCTURES / "4ake_adk_open.pdb.gz")
+    assert code == 0 and "2 chain(s) embedded" in out and "0 error(s)" in out
+    records = {r["id"]: r for r in load_embeddings(tmp_path)}
+    backbone = read_backbone(STRUCTURES / "4ake_adk_open.pdb.gz")  # a file without chain ids
     length = len(backbone.sequence)
-    assert together["s"].shape == (length, 64) and together["rotations"].shape == (length, 3, 3)
-    assert together["z_f1"].shape == (length, 2, 32) and torch.equal(together["aatype"], backbone.aatype)
-    rotations = together["rotations"]
+    record = records["4ake_adk_open"]
+    assert sorted(records) == ["1ahsA_A", "4ake_adk_open"] and record["chain"] == ""
+    assert record["s"].shape == (length, 64) and record["rotations"].shape == (length, 3, 3)
+    assert record["sequence"] == backbone.sequence and record["residue_ids"] == list(backbone.residue_ids)
+    rotations = record["rotations"]
     torch.testing.assert_close(
         rotations @ rotations.transpose(-1, -2), torch.eye(3).expand(length, 3, 3), atol=1e-5, rtol=0
     )
-    with safe_open(tmp_path / "4ake_adk_open.safetensors", "pt") as f:
-        metadata = f.metadata()
-    assert (
-        metadata["sequence"] == backbone.sequence and json.loads(metadata["residue_ids"])[0] == backbone.residue_ids[0]
-    )
-    # Embedding in a batch with another protein gives what embedding alone gives.
-    alone_dir = tmp_path / "alone"
-    assert main(["embed", str(SHIPPED), str(structures[1]), "--out", str(alone_dir)]) == 0
-    alone = load_file(alone_dir / "4ake_adk_open.safetensors")
-    for key in ("s", "rotations", "translations", "z_f1", "z_f2"):
-        torch.testing.assert_close(together[key], alone[key], atol=1e-4, rtol=1e-4)
-
-
-def test_embed_with_node_embeddings_file(converted, tmp_path, capsys):
-    length = len(read_backbone(STRUCTURE).sequence)
-    save_file({"node_embed": torch.randn(length, 64)}, tmp_path / "esm.safetensors")
-    code, _, _ = run(
-        capsys, "embed", converted, STRUCTURE, "--out", tmp_path / "out", "--node-embed", tmp_path / "esm.safetensors"
-    )
-    assert code == 0 and load_file(tmp_path / "out" / "1ahsA.safetensors")["s"].shape == (length, 64)
-    save_file({"node_embed": torch.randn(length + 1, 64)}, tmp_path / "bad.safetensors")
-    code, _, err = run(
-        capsys, "embed", converted, STRUCTURE, "--out", tmp_path / "out2", "--node-embed", tmp_path / "bad.safetensors"
-    )
-    assert (
-        code == 2
-        and f"--node-embed: expected a float tensor of shape [N={length}, c_s=64], got torch.float32 [{length + 1}, 64]"
-        in err
-    )
-    assert not (tmp_path / "out2" / "1ahsA.safetensors").exists()
 
 
 def test_embed_without_node_embeddings_needs_a_residue_table(converted, tmp_path, capsys):
-    code, _, err = run(capsys, "embed", converted, STRUCTURE, "--out", tmp_path)
+    code, _, err = run(capsys, "embed", converted, STRUCTURE, "--out", tmp_path / "out")
     assert code == 2 and "--node-embed: required, because this export has no residue-type embedding table" in err
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_embed_missing_structure(tmp_path, capsys):
-    code, _, err = run(capsys, "embed", SHIPPED, tmp_path / "missing.pdb", "--out", tmp_path / "out")
-    assert code == 2 and "missing.pdb" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_push_dry_run_makes_no_network_call(capsys, monkeypatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "ipa_export"
 # Imports that only run when an optional feature is used, and the extra that provides them.
-OPTIONAL = {"gemmi": "structure", "flash_attn": "cuda"}
+OPTIONAL = {"gemmi": "structure", "flash_attn": "cuda", "pyarrow": "parquet", "tqdm": "structure", "ray": "ray"}
 
 
 def declared() -> dict[str | None, set[str]]:

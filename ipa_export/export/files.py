@@ -119,6 +119,13 @@ def atomic_file(path: str | os.PathLike, *, private: bool = False) -> Iterator[P
             raise
 
 
+def remove_files(paths: Iterable[str | os.PathLike]) -> None:
+    """Remove the files ``paths`` (missing ones are fine). Callers pass only files the package
+    wrote, named by their own format (e.g. an embeddings directory's shards)."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
+
+
 def make_shareable(path: Path) -> None:
     """Give ``path`` (and what a directory holds) the modes the umask gives new files:
     temporaries are created private (0700/0600)."""

@@ -16,7 +16,15 @@ import torch
 
 from ..errors import InputError, MissingDependencyError
 
-__all__ = ["RESIDUE_TYPES", "Backbone", "read_backbone"]
+__all__ = [
+    "RESIDUE_TYPES",
+    "Backbone",
+    "ChainFailure",
+    "StructureChains",
+    "read_backbone",
+    "read_chains",
+    "structure_stem",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +42,16 @@ class Backbone:
     """Backbone atoms of one protein chain, in Angstrom.
 
     ``aatype`` is [L] int64 (index into :data:`RESIDUE_TYPES`, 20 = unknown);
+    ``residue_numbers`` [L] int64 and ``chain_ids`` are the file's own numbering per residue;
     ``n``, ``ca``, ``c`` are [L, 3] float32 coordinates of the N, CA and C atoms.
     """
 
     name: str  # file stem + chain, e.g. "1ahsA:A"
+    chain: str  # chain id as written in the file ("" when the file has none)
     sequence: str  # one-letter codes, "X" for unknown residue types
     residue_ids: tuple[str, ...]  # "<chain>:<seqnum><icode>", e.g. "A:42", "A:42A"
+    residue_numbers: torch.Tensor  # [L] int64 author residue numbers (seqnum, insertion codes dropped)
+    chain_ids: tuple[str, ...]  # [L] chain id of each residue
     aatype: torch.Tensor  # [L] int64 in 0..20
     n: torch.Tensor  # [L, 3] float32
     ca: torch.Tensor  # [L, 3] float32
@@ -78,8 +90,9 @@ def _conformer(group: list[Any]) -> tuple[Any, str]:
     return best[1], best[2]
 
 
-def _chain_residues(gemmi: Any, chain: Any) -> tuple[list[tuple[str, str, list[Any]]], list[str]]:
-    """(residue id, one-letter code, [N, CA, C] atoms) per kept residue, and skipped residue ids."""
+def _chain_residues(gemmi: Any, chain: Any) -> tuple[list[tuple[str, int, str, list[Any]]], list[str]]:
+    """(residue id, residue number, one-letter code, [N, CA, C] atoms) per kept residue, and
+    skipped residue ids."""
     groups: dict[str, list[Any]] = {}
     for res in chain:
         if _is_amino_acid(gemmi, res):
@@ -89,21 +102,47 @@ def _chain_residues(gemmi: Any, chain: Any) -> tuple[list[tuple[str, str, list[A
         res, alt = _conformer(group)
         atoms = [res.find_atom(a, alt) for a in _BACKBONE]
         if all(atoms):
-            kept.append((rid, _one_letter(gemmi, res.name), atoms))
+            kept.append((rid, res.seqid.num, _one_letter(gemmi, res.name), atoms))
         else:
             missing = ",".join(a for a, atom in zip(_BACKBONE, atoms, strict=True) if not atom)
             skipped.append(f"{rid}({res.name} lacks {missing})")
     return kept, skipped
 
 
-def read_backbone(path: str | os.PathLike, chain: str | None = None) -> Backbone:
-    """Read the N, CA, C atoms (Angstrom) of one protein chain from the first model of a file.
+@dataclass(frozen=True)
+class ChainFailure:
+    """A protein chain that cannot be embedded, and why."""
 
-    ``path`` is a PDB or mmCIF file, optionally gzipped. ``chain=None`` takes the first chain
-    with an amino-acid residue that has N, CA and C. Waters, ligands and hydrogens are ignored;
-    alternate locations resolve to the highest-occupancy conformer; residues lacking N, CA or C
-    are skipped with a logged warning. Raises FileNotFoundError, or ValueError for an unreadable
-    file, a file without protein chains, or an unknown ``chain``.
+    chain: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StructureChains:
+    """The protein chains of one file: those read, and those with amino acids but no usable backbone."""
+
+    backbones: list[Backbone]
+    failures: list[ChainFailure]
+
+
+def structure_stem(path: str | os.PathLike) -> str:
+    """File name without ``.gz`` and the format suffix: ``data/1abc.cif.gz`` -> ``1abc``."""
+    name = Path(path).name.removesuffix(".gz")
+    for suffix in (".pdb", ".ent", ".cif", ".mmcif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def read_chains(path: str | os.PathLike, chain: str | None = None) -> StructureChains:
+    """Read the N, CA, C atoms (Angstrom) of every protein chain (or only ``chain``) from the
+    first model of a PDB or mmCIF file, optionally gzipped, in file order.
+
+    Waters, ligands and hydrogens are ignored; alternate locations resolve to the
+    highest-occupancy conformer; residues lacking N, CA or C are skipped with a logged warning;
+    a chain with amino acids but no residue holding all three is a :class:`ChainFailure`.
+    Raises FileNotFoundError, or ValueError (naming the file) for an empty or unparsable file,
+    a file that is not PDB/mmCIF, a file without protein chains, or an unknown ``chain``.
     """
     try:
         import gemmi
@@ -111,38 +150,66 @@ def read_backbone(path: str | os.PathLike, chain: str | None = None) -> Backbone
         raise MissingDependencyError("reading structures needs gemmi: pip install 'ipa-export[structure]'") from err
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, expected a structure file (.pdb, .cif, optionally .gz)")
     if not path.is_file():
         raise FileNotFoundError(f"no such structure file: {path}")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file, expected a PDB or mmCIF structure")
     try:
         structure = gemmi.read_structure(str(path))
     except Exception as err:  # gemmi raises RuntimeError/ValueError for malformed input
         raise InputError(f"cannot parse structure file {path}: {err}") from err
-    if len(structure) == 0:
-        raise InputError(f"no models in structure file {path}")
+    if len(structure) == 0 or structure[0].count_atom_sites() == 0:
+        raise InputError(
+            f"{path}: not a PDB/mmCIF file (no ATOM/HETATM records found); "
+            "expected a .pdb or .cif structure, optionally gzipped"
+        )
     structure.merge_chain_parts()
 
-    chains: dict[str, tuple[list[tuple[str, str, list[Any]]], list[str]]] = {}
+    read: dict[str, Backbone | ChainFailure] = {}
+    stem = structure_stem(path)
     for ch in structure[0]:
+        if ch.name in read or (chain is not None and ch.name != chain):
+            continue
         kept, skipped = _chain_residues(gemmi, ch)
-        if kept and ch.name not in chains:
-            chains[ch.name] = (kept, skipped)
-    if not chains:
+        if kept:
+            if skipped:
+                log.warning(
+                    "%s: skipped %d residue(s) missing backbone atoms: %s", path, len(skipped), "; ".join(skipped)
+                )
+            read[ch.name] = _backbone(f"{stem}:{ch.name}", ch.name, kept)
+        elif skipped:
+            read[ch.name] = ChainFailure(ch.name, f"chain {ch.name!r}: no residue with all of N, CA and C atoms")
+    if chain is not None and chain not in read:
+        available = sorted(c.name for c in structure[0] if _chain_residues(gemmi, c)[0])
+        raise InputError(f"chain {chain!r} not found in {path}; available chains: {available}")
+    if not read:
         raise InputError(f"no amino-acid chain with N, CA and C atoms in {path}")
-    if chain is None:
-        chain = next(iter(chains))
-    elif chain not in chains:
-        raise InputError(f"chain {chain!r} not found in {path}; available chains: {sorted(chains)}")
-    kept, skipped = chains[chain]
-    if skipped:
-        log.warning("%s: skipped %d residue(s) missing backbone atoms: %s", path, len(skipped), "; ".join(skipped))
+    return StructureChains(
+        backbones=[b for b in read.values() if isinstance(b, Backbone)],
+        failures=[f for f in read.values() if isinstance(f, ChainFailure)],
+    )
 
-    stem = path.name.removesuffix(".gz").rsplit(".", 1)[0]
-    sequence = "".join(code for _, code, _ in kept)
-    xyz = torch.tensor([[a.pos.tolist() for a in atoms] for _, _, atoms in kept], dtype=torch.float32)
+
+def read_backbone(path: str | os.PathLike, chain: str | None = None) -> Backbone:
+    """Read one protein chain (``chain=None``: the first with N, CA and C atoms); see :func:`read_chains`."""
+    chains = read_chains(path, chain)
+    if not chains.backbones:
+        raise InputError(f"{path}: {chains.failures[0].reason}")
+    return chains.backbones[0]
+
+
+def _backbone(name: str, chain: str, kept: list[tuple[str, int, str, list[Any]]]) -> Backbone:
+    sequence = "".join(code for _, _, code, _ in kept)
+    xyz = torch.tensor([[a.pos.tolist() for a in atoms] for *_, atoms in kept], dtype=torch.float32)
     return Backbone(
-        name=f"{stem}:{chain}",
+        name=name,
+        chain=chain,
         sequence=sequence,
-        residue_ids=tuple(rid for rid, _, _ in kept),
+        residue_ids=tuple(rid for rid, *_ in kept),
+        residue_numbers=torch.tensor([num for _, num, _, _ in kept], dtype=torch.int64),
+        chain_ids=(chain,) * len(kept),
         aatype=torch.tensor([RESIDUE_TYPES.find(s) if s != "X" else 20 for s in sequence], dtype=torch.int64),
         n=xyz[:, 0].contiguous(),
         ca=xyz[:, 1].contiguous(),

@@ -1,0 +1,370 @@
+"""Embed a corpus of structures into Parquet shards: streaming, bucketed, resumable.
+
+One background thread parses structures while the encoder runs; parsed chains wait in length
+buckets (:mod:`.batching`) and go through the encoder in batches under a residue budget;
+each batch becomes one row group of the current shard (:mod:`.shards`). A failed file or
+chain becomes a line of ``_errors.jsonl`` and the run goes on. Memory is bounded by the parse
+queue, one partial batch per bucket and one batch of outputs, whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._version import __version__
+from ..errors import InputError
+from ..export.files import atomic_file, remove_files
+from .batching import LengthBucketer
+from .inputs import Source, collect_sources
+from .node_embed import NodeEmbedSource, open_node_embed
+from .pipeline import (
+    FILE_DONE,
+    Batching,
+    EmbedFailure,
+    EmbedSummary,
+    Failed,
+    Parsed,
+    RunOutput,
+    embed_batch,
+    node_embeddings,
+    parse_sources,
+)
+from .shards import (
+    ERRORS_FILE,
+    MANIFEST_FILE,
+    RUN_FILE,
+    TENSOR_COLUMNS,
+    arrow_schema,
+    records_table,
+    shard_identity,
+    shard_ids,
+    shard_paths,
+    tensor_shapes,
+)
+
+__all__ = ["DEFAULT_OUTPUTS", "EmbedFailure", "EmbedSummary", "embed_corpus"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUTPUTS = ("s", "rotations", "translations", "s_mean")
+DEFAULT_MAX_TOKENS = 8192  #: padded residues per batch (batch size x longest chain)
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_SHARD_SIZE = 1000
+LOG_EVERY_S = 30.0  #: progress log interval when no progress bar is shown
+_IDENTITY_KEYS = ("weights_sha256", "config_sha256", "dtype", "outputs", "node_embed")
+
+
+def embed_corpus(
+    export: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    manifest: str | os.PathLike | None = None,
+    chain: str | None = None,
+    outputs: Sequence[str] = DEFAULT_OUTPUTS,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    node_embed: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    attention: str | None = None,
+    compile: bool = False,
+    overwrite: bool = False,
+    fail_fast: bool = False,
+    engine: str = "local",
+    ray_address: str | None = None,
+    progress: bool | None = None,
+) -> EmbedSummary:
+    """Embed every protein chain of ``inputs`` (files, directories searched recursively) and of
+    ``manifest`` (``path`` or ``path<TAB>chain`` per line) with the export ``export`` into
+    Parquet shards in ``out``; see :mod:`ipa_export.structures.shards` for the layout.
+
+    Record ids are ``<file stem>_<chain>``; existing complete shards in ``out`` written with the
+    same export, config, dtype, outputs and node embeddings are kept and their ids skipped
+    (resume); other shards are refused unless ``overwrite=True``, which removes only files this
+    package wrote. ``device``, ``dtype``, ``attention`` and ``compile`` are passed to
+    ``IPAEncoder.from_pretrained``. Batches hold at most ``batch_size`` chains and
+    ``max_tokens`` padded residues (a longer chain goes alone). ``progress``: a bar (True), log
+    lines every 30 s (False), or a bar on a terminal only (None). ``engine="ray"`` runs on Ray
+    Data (``ray_address``: a cluster; None: a local instance).
+
+    Raises ValueError / FileNotFoundError for bad arguments before any work, and
+    :class:`EmbedFailure` at the first failed record with ``fail_fast=True``.
+    """
+    started = time.perf_counter()
+    outputs = _check_options(outputs, max_tokens, batch_size, max_length, shard_size, engine)
+    sources = collect_sources(inputs, manifest, chain)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out: {out} exists and is not a directory; expected a new or embeddings directory")
+    node_source = open_node_embed(node_embed) if node_embed is not None else None
+    load = dict(device=device, dtype=_dtype(dtype), attention=attention, compile=compile)
+    from ..model.encoder import IPAEncoder
+
+    encoder = IPAEncoder.from_pretrained(export, **load)  # type: ignore[arg-type]
+    if node_source is None and not encoder.config.num_residue_types:
+        raise InputError(
+            "--node-embed: required, because this export has no residue-type embedding table "
+            "(config.num_residue_types is 0); pass per-chain embeddings keyed by record id (e.g. ESM-2 + adapter)"
+        )
+    identity = run_identity(export, encoder, outputs, node_embed)
+    done, first_index = prepare_output(out, identity, overwrite)
+    config = encoder.config
+    schema = arrow_schema(tensor_shapes(config.c_s, config.z_factor_rank, config.c_p), outputs, identity)
+    summary = EmbedSummary(out=out, inputs=len(sources), skipped=len(done))
+    batching = Batching(max_tokens, batch_size, max_length)
+    with RunOutput(out, schema, shard_size, first_index, summary, fail_fast) as output:
+        if engine == "ray":
+            from .ray_engine import run_ray
+
+            del encoder
+            run_ray(export, load, sources, done, output, node_embed, batching, ray_address)
+        else:
+            _run_local(encoder, sources, done, output, node_source, batching, progress)
+    summary.shards = {p.name: _rows(p) for p in shard_paths(out)}
+    summary.seconds = time.perf_counter() - started
+    write_manifest(out, identity, sources, summary)
+    return summary
+
+
+def _check_options(
+    outputs: Sequence[str], max_tokens: int, batch_size: int, max_length: int | None, shard_size: int, engine: str
+) -> tuple[str, ...]:
+    outputs = tuple(dict.fromkeys(outputs))
+    unknown = [o for o in outputs if o not in TENSOR_COLUMNS]
+    if unknown or not outputs:
+        raise InputError(f"--outputs: unknown {unknown or 'empty list'}; choose from {list(TENSOR_COLUMNS)}")
+    for name, value in (("--max-tokens", max_tokens), ("--batch-size", batch_size), ("--shard-size", shard_size)):
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"{name}: expected a positive integer, got {value!r}")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise InputError(f"--max-length: expected a positive integer, got {max_length!r}")
+    if engine not in ("local", "ray"):
+        raise InputError(f"--engine: expected 'local' or 'ray', got {engine!r}")
+    return tuple(o for o in TENSOR_COLUMNS if o in outputs)
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise InputError(f"--dtype: expected a floating dtype such as float32, bfloat16, float64; got {dtype!r}")
+    return value
+
+
+def run_identity(
+    export: str | os.PathLike, encoder: Any, outputs: Sequence[str], node_embed: str | os.PathLike | None
+) -> dict[str, Any]:
+    """What the values of a run depend on; a resumed run must match (``_IDENTITY_KEYS``)."""
+    weights = hashlib.sha256()
+    with open(Path(encoder.export_directory) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            weights.update(block)
+    config = json.dumps(encoder.config.to_dict(), sort_keys=True)
+    return {
+        "format": "ipa_export.embeddings",
+        "format_version": 1,
+        "export": str(export),
+        "weights_sha256": weights.hexdigest(),
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "dtype": str(next(encoder.parameters()).dtype).removeprefix("torch."),
+        "outputs": list(outputs),
+        "node_embed": str(Path(node_embed).resolve()) if node_embed is not None else "residue_table",
+        "ipa_export_version": __version__,
+    }
+
+
+def prepare_output(out: Path, identity: Mapping[str, Any], overwrite: bool) -> tuple[set[str], int]:
+    """Check ``out`` and return (ids in its complete shards, index of the next shard).
+
+    A directory this package did not write (shards or ``_errors.jsonl`` without ``_run.json``)
+    is refused; shards of another export/config are refused unless ``overwrite``, which removes
+    the files this package wrote there (shards, ``_run.json``, ``_errors.jsonl``,
+    ``_manifest.json``) and nothing else. (The temporary file of a shard a killed run left
+    unfinished is removed by :func:`~ipa_export.export.files.atomic_file` when that shard is
+    written again.)"""
+    run_file = out / RUN_FILE
+    previous = _read_json(run_file) if run_file.is_file() else None
+    shards = shard_paths(out)
+    ours = previous is not None and previous.get("format") == "ipa_export.embeddings"
+    foreign = [p.name for p in shards if shard_identity(p) is None]
+    if (out / ERRORS_FILE).exists() and not ours:
+        foreign.append(ERRORS_FILE)
+    if foreign:
+        raise FileExistsError(
+            f"--out: {out} holds files this package did not write ({', '.join(foreign[:5])}); "
+            "pass a new or empty directory"
+        )
+    differs = [k for k in _IDENTITY_KEYS if previous is not None and previous.get(k) != identity[k]]
+    differs += sorted(
+        {k for p in shards for k in _IDENTITY_KEYS if (shard_identity(p) or {}).get(k) != identity[k]} - set(differs)
+    )
+    if differs and not overwrite:
+        raise FileExistsError(
+            f"--out: {out} holds embeddings of another run (different {', '.join(differs)}); "
+            "pass --overwrite to replace them, or a new --out directory"
+        )
+    if differs:
+        remove_files([*shards, run_file, out / ERRORS_FILE, out / MANIFEST_FILE])
+        shards = []
+    elif ours:  # resume: the manifest is rewritten when the run completes
+        remove_files([out / MANIFEST_FILE])
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(run_file) as tmp:
+        tmp.write_text(json.dumps(dict(identity), indent=2) + "\n")
+    done = {rid for p in shards for rid in shard_ids(p)}
+    next_index = max((int(p.name[5:-8]) for p in shards), default=-1) + 1
+    return done, next_index
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def write_manifest(out: Path, identity: Mapping[str, Any], sources: Sequence[Source], summary: EmbedSummary) -> None:
+    """``_manifest.json``, written last: the run identity, inputs, counts and per-shard rows."""
+    manifest = {
+        **identity,
+        "inputs": [s.given + (f"\t{s.chain}" if s.chain else "") for s in sources],
+        "counts": {
+            "inputs": summary.inputs,
+            "records": sum(summary.shards.values()),
+            "embedded_this_run": summary.records,
+            "skipped_as_done": summary.skipped,
+            "errors": summary.errors,
+        },
+        "shards": summary.shards,
+    }
+    with atomic_file(out / MANIFEST_FILE) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+_END = object()
+
+
+def _background(items: Iterator[Any], size: int, stop: threading.Event) -> Iterator[Any]:
+    """Run the iterator ``items`` in a daemon thread, ``size`` items ahead of the consumer."""
+    buffer: queue.Queue[Any] = queue.Queue(maxsize=size)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as err:  # surfaced in the consumer
+            buffer.put(err)
+        buffer.put(_END)
+
+    threading.Thread(target=produce, name="ipa-export-parse", daemon=True).start()
+    while (item := buffer.get()) is not _END:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _run_local(
+    encoder: Any,
+    sources: Sequence[Source],
+    done: set[str],
+    output: RunOutput,
+    node_source: NodeEmbedSource | None,
+    batching: Batching,
+    progress: bool | None,
+) -> None:
+    """Parse in a background thread, bucket, embed and write, in this process."""
+    bucketer: LengthBucketer[tuple[Parsed, torch.Tensor]] = LengthBucketer(batching.max_tokens, batching.batch_size)
+    meter = _Progress(len(sources), progress)
+    stop = threading.Event()
+
+    def fail(failed: Failed) -> None:
+        meter.errors += 1
+        output.fail(failed)
+
+    def run(batch: list[tuple[Parsed, torch.Tensor]]) -> None:
+        rows = embed_batch(encoder, [b for b, _ in batch], [e for _, e in batch], output.outputs)
+        output.write(records_table(rows, output.schema))
+        meter.update(chains=len(rows), residues=sum(len(r["sequence"]) for r in rows))
+
+    parsed = _background(parse_sources(sources, done, batching.max_length), 4 * batching.batch_size, stop)
+    try:
+        for item in parsed:
+            if item is FILE_DONE:
+                meter.update(files=1)
+            elif isinstance(item, Failed):
+                fail(item)
+            else:
+                try:
+                    embed = node_embeddings(encoder, item, node_source)
+                except ValueError as err:
+                    fail(Failed(item.source.given, item.backbone.chain, str(err), item.id))
+                    continue
+                for batch in bucketer.add((item, embed), len(item.backbone.sequence)):
+                    run(batch)
+        for batch in bucketer.flush():
+            run(batch)
+    finally:
+        stop.set()
+        meter.close()
+
+
+class _Progress:
+    """A tqdm bar over structure files (chains, residues/s and errors as postfix) on a terminal,
+    or a log line every ``LOG_EVERY_S`` seconds."""
+
+    def __init__(self, total: int, bar: bool | None):
+        self.total, self.files, self.chains, self.residues, self.errors = total, 0, 0, 0, 0
+        self.start = self._last_log = time.perf_counter()
+        if bar is None:
+            bar = sys.stderr.isatty()
+        self._bar = None
+        if bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, unit="file", desc="embed", dynamic_ncols=True)
+
+    def update(self, files: int = 0, chains: int = 0, residues: int = 0) -> None:
+        self.files, self.chains, self.residues = self.files + files, self.chains + chains, self.residues + residues
+        rate = self.residues / max(time.perf_counter() - self.start, 1e-9)
+        if self._bar is not None:
+            self._bar.set_postfix(chains=self.chains, res_per_s=f"{rate:,.0f}", errors=self.errors, refresh=False)
+            self._bar.update(files)
+        elif time.perf_counter() - self._last_log >= LOG_EVERY_S:
+            self._last_log = time.perf_counter()
+            eta = (self.total - self.files) * (self._last_log - self.start) / max(self.files, 1)
+            log.info("%d/%d files, %d chains, %.0f residues/s, %d errors, ETA %.0f s",
+                     self.files, self.total, self.chains, rate, self.errors, eta)  # fmt: skip
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,201 @@
+"""The steps of a corpus run, shared by the local and the Ray engine: read the chains of each
+source, look up node embeddings, run one padded batch, record failures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import IPAExportError
+from ..model import frames
+from .inputs import Source, record_id
+from .node_embed import NodeEmbedSource
+from .reader import Backbone, read_chains
+from .shards import ERRORS_FILE, TENSOR_COLUMNS, ShardWriter
+
+__all__ = [
+    "Batching",
+    "RunOutput",
+    "EmbedFailure",
+    "EmbedSummary",
+    "ErrorLog",
+    "Failed",
+    "Parsed",
+    "embed_batch",
+    "node_embeddings",
+    "parse_sources",
+]
+
+
+class EmbedFailure(IPAExportError, RuntimeError):
+    """A chain or file failed with ``fail_fast=True``; complete shards written so far are kept."""
+
+
+@dataclass
+class EmbedSummary:
+    """What a run did. ``errors`` failed records this run (see ``_errors.jsonl``)."""
+
+    out: Path
+    inputs: int = 0  #: structure files read
+    records: int = 0  #: chains embedded by this run
+    skipped: int = 0  #: chains already in complete shards (resume)
+    errors: int = 0
+    residues: int = 0  #: residues embedded by this run
+    seconds: float = 0.0
+    shards: dict[str, int] = field(default_factory=dict)  #: every complete shard -> rows
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every chain was embedded, 3 when some failed."""
+        return 3 if self.errors else 0
+
+
+@dataclass(frozen=True)
+class Parsed:
+    id: str
+    source: Source
+    backbone: Backbone
+
+
+@dataclass(frozen=True)
+class Failed:
+    source: str
+    chain: str
+    reason: str
+    id: str | None = None
+
+
+FILE_DONE = object()  #: yielded by parse_sources after each file
+
+
+class ErrorLog:
+    """``_errors.jsonl``, one JSON line per failed record, flushed as it goes."""
+
+    def __init__(self, out: Path):
+        self._file = open(out / ERRORS_FILE, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+
+    def add(self, failed: Failed) -> None:
+        line = {"source": failed.source, "chain": failed.chain, "id": failed.id, "reason": failed.reason}
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def parse_sources(sources: Sequence[Source], done: set[str], max_length: int | None) -> Iterator[Any]:
+    """Read every source: a ``Parsed`` per chain to embed, a ``Failed`` per failure, and
+    ``FILE_DONE`` after each file. Chains whose id is in ``done`` are skipped."""
+    for source in sources:
+        try:
+            chains = read_chains(source.path, source.chain)
+        except Exception as err:  # any unreadable file is an error record, not a crash
+            reason = str(err) if isinstance(err, (OSError, ValueError)) else f"{type(err).__name__}: {err}"
+            yield Failed(source.given, source.chain or "", reason)
+            yield FILE_DONE
+            continue
+        for failure in chains.failures:
+            yield Failed(source.given, failure.chain, failure.reason, record_id(source.stem, failure.chain))
+        for backbone in chains.backbones:
+            rid = record_id(source.stem, backbone.chain)
+            if rid in done:
+                continue
+            length = len(backbone.sequence)
+            if max_length is not None and length > max_length:
+                yield Failed(source.given, backbone.chain, f"{length} residues, past --max-length {max_length}", rid)
+            else:
+                yield Parsed(rid, source, backbone)
+        yield FILE_DONE
+
+
+def embed_batch(
+    encoder: Any, batch: Sequence[Parsed], node_embeds: Sequence[torch.Tensor], outputs: Sequence[str]
+) -> list[dict[str, Any]]:
+    """One padded batch through the encoder -> one row dict per chain, tensors cut to length."""
+    lengths = [len(p.backbone.sequence) for p in batch]
+    size, n = len(batch), max(lengths)
+    parameter = next(encoder.parameters())
+    node_embed = torch.zeros(size, n, encoder.config.c_s, dtype=parameter.dtype)
+    ca = torch.zeros(size, n, 3)
+    rotations = torch.eye(3).repeat(size, n, 1, 1)
+    mask = torch.zeros(size, n, dtype=torch.bool)
+    for i, (item, embed) in enumerate(zip(batch, node_embeds, strict=True)):
+        bb, length = item.backbone, lengths[i]
+        node_embed[i, :length], mask[i, :length] = embed, True
+        rotations[i, :length], ca[i, :length] = frames.from_backbone(bb.n, bb.ca, bb.c)
+    device = parameter.device
+    with torch.inference_mode():
+        out = encoder(node_embed.to(device), ca.to(device), mask.to(device), rotations=rotations.to(device))
+    values = {k: v.float().cpu() for k, v in out._asdict().items()}
+    rows = []
+    for i, (item, length) in enumerate(zip(batch, lengths, strict=True)):
+        bb = item.backbone
+        row: dict[str, Any] = {"id": item.id, "source": item.source.given, "chain": bb.chain,
+                               "sequence": bb.sequence, "residue_ids": bb.residue_ids}  # fmt: skip
+        for name in outputs:
+            row[name] = values["s"][i, :length].mean(0) if name == "s_mean" else values[name][i, :length]
+        rows.append(row)
+    return rows
+
+
+def node_embeddings(encoder: Any, item: Parsed, source: NodeEmbedSource | None) -> torch.Tensor:
+    """[L, c_s] node embeddings of one chain: from ``source`` or the export's residue table."""
+    if source is not None:
+        return source.get(item.id, len(item.backbone.sequence), encoder.config.c_s)
+    with torch.inference_mode():
+        device = next(encoder.parameters()).device
+        return encoder.embed_residues(item.backbone.aatype.to(device)).float().cpu()
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How chains are grouped: at most ``batch_size`` chains and ``max_tokens`` padded residues
+    per batch; chains past ``max_length`` residues are error records."""
+
+    max_tokens: int
+    batch_size: int
+    max_length: int | None = None
+
+
+class RunOutput:
+    """Where a run's results go: shards, ``_errors.jsonl`` and the summary counts. As a context
+    manager it completes the current shard on exit, also on an error (its rows are whole
+    records), or drops it if it cannot be completed."""
+
+    def __init__(self, out: Path, schema: Any, shard_size: int, first_index: int, summary: EmbedSummary,
+                 fail_fast: bool):  # fmt: skip
+        self.schema, self.summary, self.fail_fast = schema, summary, fail_fast
+        self.outputs = [f.name for f in schema if f.name in TENSOR_COLUMNS]
+        self._writer = ShardWriter(out, schema, shard_size, first_index)
+        self._errors = ErrorLog(out)
+
+    def fail(self, failed: Failed) -> None:
+        """Record a failure; with ``fail_fast``, raise :class:`EmbedFailure`."""
+        self._errors.add(failed)
+        self.summary.errors += 1
+        if self.fail_fast:
+            raise EmbedFailure(f"{failed.source} (chain {failed.chain or '-'}): {failed.reason}")
+
+    def write(self, table: Any) -> None:
+        """Append embedded rows (a table of :attr:`schema`)."""
+        self._writer.write(table)
+        self.summary.records += table.num_rows
+        self.summary.residues += sum(table.column("length").to_pylist())
+
+    def __enter__(self) -> RunOutput:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._writer.finish()
+        except Exception:
+            self._writer.abort()
+            if exc[0] is None:
+                raise
+        finally:
+            self._errors.close()

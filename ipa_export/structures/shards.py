@@ -1,0 +1,229 @@
+"""Embeddings on disk: Parquet shards, one row per chain, written atomically; and their reader.
+
+A directory holds ``part-00000.parquet``, ``part-00001.parquet``, ... (each renamed into place
+only when complete), ``_run.json`` (what the run embeds with, written first), ``_errors.jsonl``
+(one line per failed chain or file) and ``_manifest.json`` (written last). Names starting with
+``_`` are skipped by pandas, ``pyarrow.dataset`` and Ray Data, so ``pandas.read_parquet(DIR)``
+reads the rows as they are. Tensors are nested lists of float32: ``s`` ``[L][c_s]``,
+``rotations`` ``[L][3][3]``, ``translations`` ``[L][3]`` (Angstrom), ``s_mean`` ``[c_s]``,
+``z_f1``/``z_f2`` ``[L][rank][c_p]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MissingDependencyError
+from ..export.files import atomic_file
+
+__all__ = [
+    "ERRORS_FILE",
+    "MANIFEST_FILE",
+    "RUN_FILE",
+    "TENSOR_COLUMNS",
+    "ShardWriter",
+    "arrow_schema",
+    "load_embeddings",
+    "records_table",
+]
+
+RUN_FILE, ERRORS_FILE, MANIFEST_FILE = "_run.json", "_errors.jsonl", "_manifest.json"
+SHARD_PATTERN = re.compile(r"part-(\d{5,})\.parquet")
+SCHEMA_KEY = b"ipa_export"  # Parquet schema metadata: the run identity, as JSON
+#: tensor columns and their shape after the residue dimension, given (c_s, rank, c_p)
+TENSOR_COLUMNS = ("s", "rotations", "translations", "s_mean", "z_f1", "z_f2")
+
+
+def _pa() -> Any:
+    try:
+        import pyarrow
+    except ImportError as err:
+        raise MissingDependencyError(
+            "writing and reading embeddings needs pyarrow: pip install 'ipa-export[parquet]'"
+        ) from err
+    return pyarrow
+
+
+def tensor_shapes(c_s: int, rank: int, c_p: int) -> dict[str, tuple[int, ...]]:
+    """Per-residue shape of each tensor column (``s_mean`` is per chain)."""
+    return {
+        "s": (c_s,),
+        "rotations": (3, 3),
+        "translations": (3,),
+        "s_mean": (c_s,),
+        "z_f1": (rank, c_p),
+        "z_f2": (rank, c_p),
+    }
+
+
+def arrow_schema(shapes: Mapping[str, tuple[int, ...]], outputs: Sequence[str], identity: Mapping[str, Any]) -> Any:
+    """The shard schema: metadata columns, then the tensor columns in ``outputs``."""
+    pa = _pa()
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("chain", pa.string(), nullable=False),
+        pa.field("sequence", pa.string(), nullable=False),
+        pa.field("residue_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("length", pa.int32(), nullable=False),
+    ]
+    for name in outputs:
+        kind = pa.float32()
+        for size in reversed(shapes[name]):
+            kind = pa.list_(kind, size)
+        fields.append(pa.field(name, kind if name == "s_mean" else pa.list_(kind), nullable=False))
+    return pa.schema(fields, metadata={SCHEMA_KEY: json.dumps(dict(identity), sort_keys=True)})
+
+
+def records_table(records: Sequence[Mapping[str, Any]], schema: Any) -> Any:
+    """Rows (``id``, ``source``, ``chain``, ``sequence``, ``residue_ids``, tensors [L, ...]) ->
+    a pyarrow Table of ``schema``, built from flat buffers (no per-value Python objects)."""
+    pa = _pa()
+    columns = {
+        "id": pa.array([r["id"] for r in records], pa.string()),
+        "source": pa.array([r["source"] for r in records], pa.string()),
+        "chain": pa.array([r["chain"] for r in records], pa.string()),
+        "sequence": pa.array([r["sequence"] for r in records], pa.string()),
+        "residue_ids": pa.array([list(r["residue_ids"]) for r in records], pa.list_(pa.string())),
+        "length": pa.array([len(r["sequence"]) for r in records], pa.int32()),
+    }
+    lengths = torch.tensor([0] + [len(r["sequence"]) for r in records], dtype=torch.int32)
+    offsets = pa.array(lengths.cumsum(0, dtype=torch.int32).numpy())
+    for field in schema:
+        if field.name in columns:
+            continue
+        flat = torch.cat([r[field.name].detach().float().cpu().reshape(-1) for r in records])
+        values = pa.array(flat.numpy(), pa.float32())
+        kind = field.type if field.name == "s_mean" else field.type.value_type
+        sizes = []
+        while pa.types.is_fixed_size_list(kind):
+            sizes.append(kind.list_size)
+            kind = kind.value_type
+        for size in reversed(sizes):
+            values = pa.FixedSizeListArray.from_arrays(values, size)
+        columns[field.name] = values if field.name == "s_mean" else pa.ListArray.from_arrays(offsets, values)
+    return pa.table([columns[f.name] for f in schema], schema=schema)
+
+
+class ShardWriter:
+    """Appends tables to ``part-NNNNN.parquet`` shards of about ``shard_size`` rows (one row
+    group per table). A shard is written under a temporary name and renamed when complete."""
+
+    def __init__(self, directory: Path, schema: Any, shard_size: int, first_index: int = 0):
+        self.directory, self.schema, self.shard_size = directory, schema, shard_size
+        self.index, self.rows = first_index, 0
+        self.written: dict[str, int] = {}  # shard name -> rows, for the complete shards
+        self._stack: ExitStack | None = None
+        self._writer: Any = None
+
+    def write(self, table: Any) -> None:
+        if self._writer is None:
+            import pyarrow.parquet as pq
+
+            self._stack = ExitStack()
+            tmp = self._stack.enter_context(atomic_file(self.directory / self.name))
+            self._writer = pq.ParquetWriter(tmp, self.schema)
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+        if self.rows >= self.shard_size:
+            self.finish()
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:05d}.parquet"
+
+    def finish(self) -> None:
+        """Complete the current shard (rename it into place)."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        assert self._stack is not None
+        self._stack.close()
+        self.written[self.name] = self.rows
+        self._writer, self._stack, self.rows, self.index = None, None, 0, self.index + 1
+
+    def abort(self) -> None:
+        """Drop the current, incomplete shard (its temporary file is removed)."""
+        if self._writer is not None and self._stack is not None:
+            self._writer.close()
+            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
+            self._writer, self._stack, self.rows = None, None, 0
+
+
+def shard_paths(directory: Path) -> list[Path]:
+    """Complete shards in ``directory``, in order."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if SHARD_PATTERN.fullmatch(p.name))
+
+
+def shard_identity(path: Path) -> dict[str, Any] | None:
+    """The run identity a shard was written with (None: not written by this package)."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        return json.loads(metadata[SCHEMA_KEY]) if SCHEMA_KEY in metadata else None
+    except Exception:  # not a Parquet file, or unreadable metadata
+        return None
+
+
+def shard_ids(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+
+
+def load_embeddings(
+    directory: str | os.PathLike, columns: Sequence[str] | None = None, batch_rows: int = 64
+) -> Iterator[dict[str, Any]]:
+    """Iterate the records of an embeddings directory, shard by shard, as dicts: strings for
+    ``id``, ``source``, ``chain``, ``sequence``, a list for ``residue_ids``, an int ``length``
+    and float32 torch tensors ``s`` [L, c_s], ``rotations`` [L, 3, 3], ``translations`` [L, 3],
+    ``s_mean`` [c_s] (and ``z_f1``/``z_f2`` [L, rank, c_p] when written). ``columns`` reads a
+    subset. Memory holds ``batch_rows`` rows at a time."""
+    import pyarrow.parquet as pq
+
+    _pa()
+    directory = Path(directory)
+    paths = shard_paths(directory)
+    if not paths:
+        raise FileNotFoundError(f"{directory}: no part-*.parquet shards; expected a directory written by embed")
+    for path in paths:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
+            yield from _batch_records(batch)
+
+
+def _batch_records(batch: Any) -> Iterator[dict[str, Any]]:
+    pa = _pa()
+    decoded: dict[str, list[Any]] = {}
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        kind = column.type
+        if name in TENSOR_COLUMNS:
+            ragged = not pa.types.is_fixed_size_list(kind)
+            inner = kind.value_type if ragged else kind
+            shape = []
+            while pa.types.is_fixed_size_list(inner):
+                shape.append(inner.list_size)
+                inner = inner.value_type
+            flat = column.flatten() if ragged else column
+            for _ in shape:
+                flat = flat.flatten()
+            values = torch.from_numpy(flat.to_numpy(zero_copy_only=False).copy()).reshape(-1, *shape)
+            if ragged:
+                bounds = column.offsets.to_numpy() - column.offsets[0].as_py()
+                decoded[name] = [values[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            else:
+                decoded[name] = list(values)
+        else:
+            decoded[name] = column.to_pylist()
+    for i in range(batch.num_rows):
+        yield {name: values[i] for name, values in decoded.items()}
