@@ -226,7 +226,7 @@ def test_killed_run_resumes_to_the_same_ids_and_values(tmp_path):
     for copy in range(4):
         for name in names:
             shutil.copy(STRUCTURES / name, tree / f"c{copy}_{name}")
-    command = [sys.executable, "-c", "import sys; from ipa_export.cli import main; sys.exit(main())", "embed", str(SHIPPED), str(tree), "--quiet",
+    command = [sys.executable, "-m", "ipa_export", "embed", str(SHIPPED), str(tree), "--quiet",
                "--batch-size", "1", "--shard-size", "2"]  # fmt: skip
     whole = tmp_path / "whole"
     embed_corpus(SHIPPED, [tree], whole, batch_size=1, shard_size=2)  # the same command, uninterrupted
