@@ -361,3 +361,20 @@ def test_every_parameter_a_mode_uses_gets_a_gradient(mode: str) -> None:
                 assert p.grad is None, key
                 continue
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, f"{name}.{key}"
+
+
+def test_new_ipa_is_initialised_as_flash_ipa() -> None:
+    """LeCun-normal weights truncated at 2 std, zero biases, a zero linear_out: a new block's
+    update is exactly zero, as in flash_ipa."""
+    torch.manual_seed(0)
+    ipa = InvariantPointAttention(IPAConfig(c_s=256, c_z=128, attn_dtype="fp32"))
+    for name in ("linear_q", "linear_kv", "linear_q_points", "linear_kv_points", "linear_b", "down_z"):
+        layer = getattr(ipa, name)
+        std = layer.in_features**-0.5
+        assert abs(layer.weight.std().item() / std - 1) < 0.05, name
+        assert layer.weight.abs().max() <= 2 * std / 0.87962566 + 1e-6 and not layer.bias.any(), name
+    assert not ipa.linear_out.weight.any() and not ipa.linear_out.bias.any()
+    s = torch.randn(1, 20, 256)
+    frames = (torch.eye(3).expand(1, 20, 3, 3), torch.randn(1, 20, 3))
+    z = torch.randn(1, 20, 2, 128)
+    assert not ipa(s, None, z, z, frames, torch.ones(1, 20)).any()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..config import ATTN_DTYPES, EncoderConfig
 from ..errors import InputError, InputTypeError
@@ -21,6 +22,8 @@ from ..model import ipa as native_ipa
 from ..model.attention import resolve_backend
 from ..model.validation import Shapes, check_not_empty, check_values
 from .edge_embedder import as_mask
+
+TRUNCATED_NORMAL_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
 
 
 @dataclass
@@ -81,10 +84,26 @@ class InvariantPointAttention(native_ipa.InvariantPointAttention):
             attn_dtype=ipa_conf.attn_dtype if ipa_conf.use_flash_attn else "fp32",
         )
         super().__init__(config, c_z=ipa_conf.c_z)
+        self._init_as_flash_ipa()
         self._ipa_conf = ipa_conf
         self.use_flash_attn = ipa_conf.use_flash_attn
         self.inf, self.eps = inf, eps  # masked keys get weight exactly 0 whatever inf is
         self._attention, self._attn_dtype_name = config.attention, config.attn_dtype
+
+    def _init_as_flash_ipa(self) -> None:
+        """flash_ipa's (OpenFold's) initialisation: LeCun-normal weights (normal truncated at two
+        standard deviations, scaled to variance 1 / fan_in) and zero biases; ``linear_out`` all
+        zeros, so a new block's update starts at zero."""
+        with torch.no_grad():
+            for name, layer in self.named_children():
+                if not isinstance(layer, nn.Linear):
+                    continue
+                layer.bias.zero_()
+                if name == "linear_out":
+                    layer.weight.zero_()
+                else:
+                    std = (1.0 / layer.in_features) ** 0.5 / TRUNCATED_NORMAL_STD
+                    nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
 
     def forward(  # type: ignore[override]
         self,
