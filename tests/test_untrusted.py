@@ -316,3 +316,23 @@ def test_damaged_checkpoints_are_one_line_errors_and_nothing_is_written(tmp_path
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.pt"]
+
+
+def test_non_finite_weights_in_an_export_are_refused_on_load(saved, capsys):
+    weights = load_file(saved / "model.safetensors")
+    weights["ipa_stack.final_norm.bias"][2] = float("inf")
+    save_file(weights, saved / "model.safetensors", metadata={"format": "pt", "architecture": "IPAEncoder"})
+    with pytest.raises(
+        ValueError, match=r"non-finite weights \(NaN or inf\) in 1 tensor\(s\): ipa_stack.final_norm.bias \(1\)"
+    ):
+        IPAEncoder.from_pretrained(saved)
+    assert main(["validate", str(saved)]) == 2 and "non-finite weights" in capsys.readouterr().err
+
+
+def test_a_model_card_linked_out_of_the_export_is_refused(saved, tmp_path):
+    """push uploads README.md: a link to a private file must never be followed."""
+    (tmp_path / "private.txt").write_text("secret")
+    (saved / "README.md").unlink()
+    (saved / "README.md").symlink_to(tmp_path / "private.txt")
+    with pytest.raises(ValueError, match=r"README.md: refused: a symbolic link out of the export directory"):
+        IPAEncoder.from_pretrained(saved)

@@ -127,6 +127,8 @@ def read_header(
     """
     directory = Path(directory)
     config_path, weights_path = (_export_file(directory, name) for name in (CONFIG_NAME, WEIGHTS_NAME))
+    if (directory / CARD_NAME).exists():  # uploaded by push: never a link to a file elsewhere
+        _export_file(directory, CARD_NAME)
     raw = _read_config_json(config_path)
     tensors, metadata = _read_safetensors_header(weights_path)
 
@@ -184,8 +186,6 @@ def _export_file(directory: Path, name: str) -> Path:
     only point inside ``directory`` or, in a Hugging Face cache snapshot
     (``snapshots/<revision>/``), into the repository's ``blobs/``."""
     path = directory / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the export")
     if path.is_symlink():
         real, home = os.path.realpath(path), os.path.realpath(directory)
         roots = [home]
@@ -193,6 +193,8 @@ def _export_file(directory: Path, name: str) -> Path:
             roots.append(os.path.join(os.path.dirname(os.path.dirname(home)), "blobs"))
         if not any(os.path.commonpath([root, real]) == root for root in roots):
             raise InputError(f"{path}: refused: a symbolic link out of the export directory (to {real})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the export, or not a regular file")
     return path
 
 
@@ -296,10 +298,17 @@ def _tensor_problems(
 
 
 def read_weights(header: ExportHeader, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The export's tensors (current names), read after :func:`read_header` accepted it."""
+    """The export's tensors (current names), read after :func:`read_header` accepted it; every
+    value must be finite."""
     path = header.directory / WEIGHTS_NAME
     try:
         state = load_file(path, device=str(device))
     except (SafetensorError, OSError) as error:
         raise InputError(f"{path}: cannot read weights ({error})") from error
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if not torch.isfinite(v).all()}
+    if bad:
+        shown = ", ".join(f"{k} ({n})" for k, n in sorted(bad.items())[:3]) + (" and more" if len(bad) > 3 else "")
+        raise InputError(
+            f"{path}: non-finite weights (NaN or inf) in {len(bad)} tensor(s): {shown}; the file is damaged"
+        )
     return header.renamed(state)
