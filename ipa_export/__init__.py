@@ -10,7 +10,7 @@ from .bindrae.adapter import (
     create_flashipa_module,
 )
 from .config import ConfigCompatibilityError, EncoderConfig
-from .errors import FrozenModuleWarning
+from .errors import CoordinateScaleWarning, FrozenModuleWarning
 from .model.edge_embedder import EdgeEmbedder
 from .model.encoder import EncoderOutput, EncoderOutputWithHiddenStates, HiddenStates, IPAEncoder
 from .model.frames import Frames
@@ -20,6 +20,7 @@ from .structures.shards import load_embeddings
 
 __all__ = [
     "ConfigCompatibilityError",
+    "CoordinateScaleWarning",
     "EdgeEmbedder",
     "EdgeEmbedderAdapter",
     "EncoderConfig",

@@ -41,3 +41,7 @@ class CheckFailedError(IPAExportError, RuntimeError):
 
 class FrozenModuleWarning(UserWarning):
     """``.train()`` on a frozen module (as ``from_pretrained`` returns it): it stays in eval mode."""
+
+
+class CoordinateScaleWarning(UserWarning):
+    """C-alpha coordinates whose spacing does not look like a chain in Angstrom, in sequence order."""

@@ -98,7 +98,9 @@ def test_outputs_by_key():
         hidden = encoder(*inputs, output_hidden_states=True)
     assert list(out.keys()) == ["s", "rotations", "translations", "z_f1", "z_f2"]
     assert all(out[key] is getattr(out, key) for key in out.keys())
-    assert [k for k, _ in out.items()] == list(out.keys()) and all(a is b for a, b in zip(out.values(), out))
+    assert [k for k, _ in out.items()] == list(out.keys()) and all(
+        a is b for a, b in zip(out.values(), out, strict=True)
+    )
     assert out[0] is out.s and len(out[1:3]) == 2  # still a tuple
     with pytest.raises(KeyError, match="'S': not an output; outputs are s, rotations, translations, z_f1, z_f2"):
         out["S"]

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_encoder, tiny_config
+from conftest import make_encoder, random_chain, tiny_config
 
 from ipa_export import create_edge_embedder, create_flashipa_module
 
@@ -17,7 +17,7 @@ B, N = 2, 12
 def good():
     return {
         "node_embed": torch.randn(B, N, C_S),
-        "translations": 5 * torch.randn(B, N, 3),
+        "translations": torch.stack([random_chain(N, torch.Generator().manual_seed(b)) for b in range(B)]),
         "node_mask": torch.ones(B, N, dtype=torch.bool),
     }
 

@@ -21,7 +21,7 @@ from ..model.attention import resolve_backend
 from ..model.edge_embedder import EdgeEmbedder
 from ..model.frames import Frames
 from ..model.stack import FlashIPAStack
-from ..model.validation import Shapes, check_not_empty, check_structure_inputs, check_values
+from ..model.validation import Shapes, check_not_empty, check_rotations, check_structure_inputs, check_values
 from .keys import STAGE1_EDGE, STAGE1_IPA, stage1_modules
 
 
@@ -124,6 +124,7 @@ class FlashIPAModule(FlashIPAStack):
         shapes.check("mask", mask, ("B", "N"), dtype="bool")
         check_not_empty(mask)
         check_values(mask, **{"frames.rotations": frames[0], "frames.translations": frames[1]})
+        check_rotations(mask, frames[0], "frames.rotations")
         backend = resolve_backend(config.attention, s.device, config.attn_dtype, torch.is_grad_enabled())
         s_geo, rigid = super().forward(s, Frames(*frames), z_f1, z_f2, mask, backend)
         return torch.where(mask[..., None], s_geo, 0.0), rigid

@@ -38,17 +38,17 @@ def render_model_card(
         "",
         "| field | value |",
         "|---|---|",
-        f"| architecture | `{config_json['architecture']}` |",
-        f"| format_version | {config_json['format_version']} |",
-        f"| written by | ipa_export {config_json['ipa_export_version']} |",
-        f"| weights dtype | {config_json['dtype']} |",
+        f"| architecture | `{cell(config_json['architecture'])}` |",
+        f"| format_version | {cell(config_json['format_version'])} |",
+        f"| written by | ipa_export {cell(config_json['ipa_export_version'])} |",
+        f"| weights dtype | {cell(config_json['dtype'])} |",
         f"| parameters | {num_parameters:,} |",
         "",
         "## Config",
         "",
         "| field | value |",
         "|---|---|",
-        *(f"| `{k}` | `{v}` |" for k, v in config_json["config"].items()),
+        *(f"| `{cell(k)}` | `{cell(v)}` |" for k, v in config_json["config"].items()),
         "",
     ]
     if provenance:
@@ -57,7 +57,12 @@ def render_model_card(
             "",
             "| field | value |",
             "|---|---|",
-            *(f"| {k} | {v} |" for k, v in provenance.items()),
+            *(f"| {cell(k)} | {cell(v)} |" for k, v in provenance.items()),
             "",
         ]
     return "\n".join(lines)
+
+
+def cell(value: Any) -> str:
+    """``value`` as one markdown table cell: ``|`` escaped, line breaks as spaces."""
+    return " ".join(str(value).splitlines()).replace("|", "\\|")

@@ -19,7 +19,7 @@ from .edge_embedder import EdgeEmbedder, residue_positions
 from .frames import Frames, identity_rotations
 from .pair_features import FactorizedPairEmbedder
 from .stack import FlashIPAStack
-from .validation import check_devices, check_indices, check_structure_inputs
+from .validation import check_devices, check_indices, check_structure_inputs, warn_unusual_ca_spacing
 
 
 def masked_mean(s: torch.Tensor, node_mask: torch.Tensor) -> torch.Tensor:
@@ -244,6 +244,7 @@ class IPAEncoder(ExportMixin, nn.Module):
         )
         check_indices(node_mask, residue_index, chain_index)
         check_devices(weight.device, residue_index=residue_index, chain_index=chain_index)
+        warn_unusual_ca_spacing(node_mask, translations)
         dtype = weight.dtype
         with torch.autocast(node_embed.device.type, enabled=False):
             node_embed = node_embed.to(dtype)

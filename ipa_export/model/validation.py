@@ -7,9 +7,11 @@ and run only in plain eager mode (:func:`checking_values`).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from ..errors import InputError, InputTypeError
+from ..errors import CoordinateScaleWarning, InputError, InputTypeError
 
 
 class Shapes:
@@ -71,6 +73,7 @@ def check_structure_inputs(
     check_values(  # type: ignore[arg-type]
         mask, translations=translations, rotations=rotations, trans_sc=trans_sc, node_embed=node_embed
     )
+    check_rotations(mask, rotations)  # type: ignore[arg-type]
 
 
 def check_devices(device: torch.device, **tensors: torch.Tensor | None) -> None:
@@ -146,4 +149,67 @@ def check_values(node_mask: torch.Tensor, **coordinates: torch.Tensor | None) ->
                 f"{name}: expected |values| <= {bound:.0e} at valid residues"
                 + (" (coordinates are in Angstrom)" if name != "node_embed" else "")
                 + f", got {x[where].abs().max().item():.3g} at (batch, residue) {where}"
+            )
+
+
+#: Median distance between consecutive valid C-alpha atoms that passes without a warning
+#: (Angstrom): 3.8 for trans peptides, 2.9 for cis; chain breaks are rare enough not to move it.
+CA_SPACING_RANGE = (2.8, 4.8)
+#: Largest |R^T R - I| entry accepted for a rotation in float32 or float64 (scaled up for 16-bit inputs).
+ORTHONORMAL_ATOL = 1e-3
+
+
+def check_rotations(node_mask: torch.Tensor, rotations: torch.Tensor | None, name: str = "rotations") -> None:
+    """Eager-only: rotations [B, N, 3, 3] are proper rotations (orthonormal within
+    :data:`ORTHONORMAL_ATOL`, determinant +1) at valid residues."""
+    if rotations is None or not checking_values():
+        return
+    r = rotations if rotations.dtype == torch.float64 else rotations.float()
+    atol = max(ORTHONORMAL_ATOL, 16 * torch.finfo(rotations.dtype).eps)
+    error = (r.transpose(-1, -2) @ r - torch.eye(3, dtype=r.dtype, device=r.device)).abs().amax((-2, -1))
+    not_orthonormal = (error > atol) & node_mask  # [B, N]
+    reflection = (torch.linalg.det(r) < 0) & node_mask & ~not_orthonormal
+    for bad, problem in ((not_orthonormal, "R^T R differs from I by {:.3g} (not orthonormal)"), (reflection, None)):
+        if bad.any():
+            where = tuple(bad.nonzero()[0].tolist())
+            count = int(bad.sum())
+            what = problem.format(error[where].item()) if problem else "determinant -1 (a reflection)"
+            raise InputError(
+                f"{name}: expected proper rotation matrices at valid residues (R^T R = I within {atol:g}, det R = +1); "
+                f"at (batch, residue) {where}{f' and {count - 1} more' if count > 1 else ''}: {what}. "
+                "Build frames by Gram-Schmidt from the N, CA, C atoms (ipa_export.model.frames.from_backbone), "
+                "or pass rotations=None for identity frames"
+            )
+
+
+def warn_unusual_ca_spacing(node_mask: torch.Tensor, translations: torch.Tensor) -> None:
+    """Eager-only: warn (:class:`~ipa_export.errors.CoordinateScaleWarning`) when the median
+    distance between consecutive valid C-alpha atoms [B, N, 3] of a protein is outside
+    :data:`CA_SPACING_RANGE`: coordinates in nanometres, or residues not in sequence order."""
+    if not checking_values() or node_mask.shape[1] < 2:
+        return
+    # Valid residues first, in sequence order; padding (and whatever it holds) after them.
+    order = torch.argsort((~node_mask).to(torch.uint8), dim=1, stable=True)
+    ca = torch.gather(translations.float(), 1, order[..., None].expand(-1, -1, 3))
+    steps = (ca[:, 1:] - ca[:, :-1]).norm(dim=-1)  # [B, N - 1]
+    real = torch.arange(steps.shape[1], device=steps.device) < (node_mask.sum(1, keepdim=True) - 1)
+    median = torch.where(real, steps, torch.nan).nanmedian(dim=1).values  # NaN: fewer than 2 residues
+    low, high = CA_SPACING_RANGE
+    for odd, cause in (
+        (median < low, "Coordinates in nanometres? Multiply them by 10: the encoder expects Angstrom."),
+        (
+            median > high,
+            "Residues not in sequence order, or not C-alpha positions? Pass each chain's residues in "
+            "sequence order (mask out missing ones); coordinates must be in Angstrom.",
+        ),
+    ):
+        proteins = odd.nonzero().flatten().tolist()
+        if proteins:
+            values = ", ".join(f"{median[i].item():.2f}" for i in proteins[:5]) + (", ..." if len(proteins) > 5 else "")
+            warnings.warn(
+                f"translations: the median distance between consecutive valid C-alpha atoms is {values} Angstrom "
+                f"in protein(s) {proteins} (expected about 3.8, between {low} and {high}). {cause} "
+                "(Silence with warnings.simplefilter('ignore', ipa_export.CoordinateScaleWarning).)",
+                CoordinateScaleWarning,
+                stacklevel=2,
             )
