@@ -61,11 +61,13 @@ def test_spacing_is_measured_over_valid_residues_only():
     assert "in protein(s) [1] " in message
 
 
-def test_proper_rotations_are_accepted():
+def test_proper_rotations_are_accepted_also_under_autocast():
     node_embed, ca, mask = inputs()
     rotations = random_rotation(torch.Generator().manual_seed(2), (B, N))
     with torch.no_grad():
         make_encoder()(node_embed, ca, mask, rotations=rotations)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the check runs in fp32 all the same
+            make_encoder()(node_embed, ca, mask, rotations=rotations)
 
 
 @pytest.mark.parametrize(

@@ -166,9 +166,11 @@ def check_rotations(node_mask: torch.Tensor, rotations: torch.Tensor | None, nam
         return
     r = rotations if rotations.dtype == torch.float64 else rotations.float()
     atol = max(ORTHONORMAL_ATOL, 16 * torch.finfo(rotations.dtype).eps)
-    error = (r.transpose(-1, -2) @ r - torch.eye(3, dtype=r.dtype, device=r.device)).abs().amax((-2, -1))
+    with torch.autocast(r.device.type, enabled=False):  # in the input's precision, not autocast's
+        error = (r.transpose(-1, -2) @ r - torch.eye(3, dtype=r.dtype, device=r.device)).abs().amax((-2, -1))
+        determinant = torch.linalg.det(r)
     not_orthonormal = (error > atol) & node_mask  # [B, N]
-    reflection = (torch.linalg.det(r) < 0) & node_mask & ~not_orthonormal
+    reflection = (determinant < 0) & node_mask & ~not_orthonormal
     for bad, problem in ((not_orthonormal, "R^T R differs from I by {:.3g} (not orthonormal)"), (reflection, None)):
         if bad.any():
             where = tuple(bad.nonzero()[0].tolist())
