@@ -58,26 +58,26 @@ class PairEmbedder(nn.Module):
         -> z [B, N, N, c_p], zero unless both residues are valid."""
         batch, length, _ = node_embed.shape
         dtype = node_embed.dtype  # geometry in fp32, layers in the model's dtype
+        f, bins = self.feat_dim, self.num_bins
+        # The MLP's first layer on [p_i, p_j, relpos_ij, t_ij, sc_ij] is a sum over its column blocks,
+        # so the [B, N, N, 3 f + 2 bins] input is never built: per-residue terms are broadcast and
+        # linear_relpos is folded into the relpos block.
+        first = self.edge_embedder[0]
+        w_i, w_j, w_rel, w_t, w_sc = first.weight.split([f, f, f, bins, bins], dim=1)
         p = self.linear_s_p(node_embed)  # [B, N, f]
         if positions is None:
             positions = torch.arange(length, device=node_embed.device).expand(batch, length)
         offsets = positions[:, :, None] - positions[:, None, :]  # [B, N, N]
-        relpos = self.linear_relpos(index_embedding(offsets, self.feat_dim).to(dtype))
-        t_bins = pair_distogram(translations, node_mask, self.num_bins)
-        sc_bins = t_bins if trans_sc is None else pair_distogram(trans_sc, node_mask, self.num_bins)
-        shape = (batch, length, length, -1)
-        features = torch.cat(
-            [
-                p[:, :, None].expand(shape),
-                p[:, None].expand(shape),
-                relpos.expand(shape),
-                t_bins.to(dtype),
-                sc_bins.to(dtype),
-            ],
-            dim=-1,
-        )
+        relpos = torch.nn.functional.linear(
+            index_embedding(offsets, f).to(dtype),
+            w_rel @ self.linear_relpos.weight,
+            w_rel @ self.linear_relpos.bias + first.bias,
+        )  # [B, N, N, c_p]
+        t_bins = pair_distogram(translations, node_mask, bins).to(dtype)
+        sc_bins = t_bins if trans_sc is None else pair_distogram(trans_sc, node_mask, bins).to(dtype)
+        hidden = relpos + (p @ w_i.T)[:, :, None] + (p @ w_j.T)[:, None] + t_bins @ w_t.T + sc_bins @ w_sc.T
         valid = node_mask[:, :, None] & node_mask[:, None, :]
-        return torch.where(valid[..., None], self.edge_embedder(features), 0.0)
+        return torch.where(valid[..., None], self.edge_embedder[1:](hidden), 0.0)
 
 
 class Factorizer(nn.Module):
