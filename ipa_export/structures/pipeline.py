@@ -124,13 +124,15 @@ def embed_batch(
     ca = torch.zeros(size, n, 3)
     rotations = torch.eye(3).repeat(size, n, 1, 1)
     mask = torch.zeros(size, n, dtype=torch.bool)
+    residue_index = torch.zeros(size, n, dtype=torch.int64)  # the file's numbers: gaps are seen as gaps
     for i, (item, embed) in enumerate(zip(batch, node_embeds, strict=True)):
         bb, length = item.backbone, lengths[i]
-        node_embed[i, :length], mask[i, :length] = embed, True
+        node_embed[i, :length], mask[i, :length], residue_index[i, :length] = embed, True, bb.residue_numbers
         rotations[i, :length], ca[i, :length] = frames.from_backbone(bb.n, bb.ca, bb.c)
     device = parameter.device
+    inputs = (node_embed, ca, mask, rotations, None, residue_index)
     with torch.inference_mode():
-        out = encoder(node_embed.to(device), ca.to(device), mask.to(device), rotations=rotations.to(device))
+        out = encoder(*(x if x is None else x.to(device) for x in inputs))
     values = {k: v.float().cpu() for k, v in out._asdict().items()}
     rows = []
     for i, (item, length) in enumerate(zip(batch, lengths, strict=True)):
