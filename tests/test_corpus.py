@@ -73,13 +73,19 @@ def corpus(tmp_path: Path) -> dict[str, Path]:
 
 
 def direct(encoder: IPAEncoder, path: Path, chain: str, node_embed: torch.Tensor | None = None) -> dict:
-    """The encoder on one chain alone (batch of 1, no padding)."""
+    """The encoder on one chain alone (batch of 1, no padding, the file's residue numbers)."""
     (backbone,) = read_chains(path, chain).backbones
     rotations, translations = frames.from_backbone(backbone.n, backbone.ca, backbone.c)
     embed = encoder.embed_residues(backbone.aatype) if node_embed is None else node_embed
     mask = torch.ones(1, len(backbone.sequence), dtype=torch.bool)
     with torch.no_grad():
-        out = encoder(embed[None], translations[None], mask, rotations=rotations[None])
+        out = encoder(
+            embed[None],
+            translations[None],
+            mask,
+            rotations=rotations[None],
+            residue_index=backbone.residue_numbers[None],
+        )
     return {k: v[0] for k, v in out._asdict().items()} | {"sequence": backbone.sequence}
 
 
