@@ -225,6 +225,7 @@ def test_foreign_files_named_like_shards_are_never_touched(tmp_path, capsys):
     assert pq.read_table(out / "part-00000.parquet").column("x").to_pylist() == [1]
 
 
+@pytest.mark.slow  # ~50 s: kills a real embedding process and resumes it
 def test_killed_run_resumes_to_the_same_ids_and_values(tmp_path):
     tree = tmp_path / "many"
     tree.mkdir()
@@ -312,6 +313,7 @@ def test_length_buckets_respect_the_budget_and_keep_every_chain():
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~30 s: starts a local Ray cluster
 def test_ray_engine_matches_the_local_engine(corpus, tmp_path):
     ray = pytest.importorskip("ray")
     local, on_ray = tmp_path / "local", tmp_path / "ray"

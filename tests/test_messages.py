@@ -120,13 +120,12 @@ def test_convert_parity_failure_is_a_failed_check(tmp_path, capsys, monkeypatch)
     assert not (tmp_path / "out").exists()
 
 
-def test_version_flag():
+def test_version_flag(capsys):
     from importlib.metadata import version
 
-    result = subprocess.run(
-        [sys.executable, "-m", "ipa_export", "--version"], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0 and result.stdout == f"ipa-export {version('ipa-export')}\n"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"ipa-export {version('ipa-export')}\n"
 
 
 def test_python_dash_m_runs_the_cli():
