@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from ipa_export import ConfigCompatibilityError, EncoderConfig, FlashIPAStack, Frames, IPAEncoder
 from ipa_export.bindrae.convert import convert
+from ipa_export.cli import main as cli_main
 from ipa_export.errors import InputError, InputTypeError
 from ipa_export.flash_ipa import EdgeEmbedder, EdgeEmbedderConfig, InvariantPointAttention, IPAConfig
 
@@ -378,3 +379,15 @@ def test_new_ipa_is_initialised_as_flash_ipa() -> None:
     frames = (torch.eye(3).expand(1, 20, 3, 3), torch.randn(1, 20, 3))
     z = torch.randn(1, 20, 2, 128)
     assert not ipa(s, None, z, z, frames, torch.ones(1, 20)).any()
+
+
+@pytest.mark.parametrize("mode", ("flash_no_bias", "flash_2d_factorize_bias"))
+def test_cli_validates_exports_of_the_new_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str) -> None:
+    """The SE(3) self-check works without edge factors and within a factoriser's max_len (32 here)."""
+    config = EncoderConfig(
+        c_s=32, c_p=16, feat_dim=16, c_hidden=8, no_heads=2, no_qk_points=2, no_v_points=3, depth=1,
+        mode=mode, z_factor_rank=0 if mode == "flash_no_bias" else 2, max_len=32 if "2d" in mode else 0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    IPAEncoder(config).save_pretrained(tmp_path / "export")
+    assert cli_main(["validate", str(tmp_path / "export")]) == 0, capsys.readouterr()
