@@ -120,3 +120,15 @@ def test_grad_jacrev_jvp_vmap_through_the_search():
     for b in range(3):
         d, i = knn(stacked[b], mask, 5)
         assert torch.equal(batched_i[b], i) and torch.equal(batched_d[b], d)
+
+
+def test_padded_positions_may_hold_anything():
+    g = torch.Generator().manual_seed(5)
+    coords = torch.zeros(1, 30, 3)
+    coords[0, :20] = random_chain(20, g)
+    mask = torch.zeros(1, 30, dtype=torch.bool)
+    mask[0, :20] = True
+    want = knn(coords, mask, 10)
+    coords[0, 20:] = float("nan")
+    got = knn(coords, mask, 10)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0][:, :20], want[0][:, :20])

@@ -21,7 +21,7 @@ The search, per chunk of ``chunk_size`` query rows (largest temporary [B, chunk_
    GEMM's rounding error bounded); rows that fail retry with twice the candidates, up to all.
 
 Tie tolerance: ``TIE_ATOL + TIE_RTOL * radius`` Angstrom, radius = max distance of a valid
-residue from the protein's centroid (1e-4 A for a protein of radius 100 A; 5e-4 A at 400 A).
+residue from the protein's centroid (2e-4 A for a protein of radius 100 A, 5e-4 A at 400 A).
 Distances further apart than that are ordered as before, by distance then index.
 """
 
@@ -46,9 +46,10 @@ def knn_indices(coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: in
     k_found = min(k, max(length - 1, 0))
     if k_found == 0:
         return indices
-    weights = mask[..., None].float()
-    centroid = (coords.float() * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
-    x = torch.where(mask[..., None], coords.float() - centroid, 0.0)  # [B, N, 3]
+    valid = mask[..., None]
+    x = torch.where(valid, coords.float(), 0.0)  # whatever padded positions hold (even NaN)
+    centroid = x.sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
+    x = torch.where(valid, x - centroid, 0.0)  # [B, N, 3]
     squares = x.square().sum(-1)  # [B, N]
     radius2 = squares.amax(-1)[:, None, None]  # [B, 1, 1]
     tol = TIE_ATOL + TIE_RTOL * radius2.sqrt()
