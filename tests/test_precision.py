@@ -63,6 +63,19 @@ def test_low_precision_attention_within_documented_tolerance(encoders, chain, of
             assert error <= TOLERANCE[chain, dtype], f"{dtype}: max |s - s_fp32| = {error:.3g}"
 
 
+def test_dense_backend_is_compensated_too(encoders):
+    """The explicit-logits backend accumulates the logits in fp32 like the fused kernels, so the
+    compensated q/k hold there too (bf16 logits: 0.98 on this walk)."""
+    ca, rotations = walk(256)
+    node_embed = torch.randn(1, 256, USAGE["c_s"], generator=torch.Generator().manual_seed(1))
+    inputs = (node_embed, ca[None], torch.ones(1, 256, dtype=torch.bool), rotations[None].contiguous())
+    dense = IPAEncoder(encoders["bf16"].config.replace(attention="dense")).eval()
+    dense.load_state_dict(encoders["fp32"].state_dict())
+    with torch.no_grad():
+        error = (dense(*inputs).s - encoders["fp32"](*inputs).s).abs().max().item()
+    assert error <= TOLERANCE["walk", "bf16"]
+
+
 def test_autocast_does_not_override_the_attention_dtype(encoders):
     """Inside torch.autocast(bf16) the attention kernel still gets attn_dtype inputs: fp32 for
     an fp32 encoder (autocast would cast them to bf16, uncompensated), bf16 for a bf16 one."""

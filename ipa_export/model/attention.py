@@ -65,10 +65,12 @@ def resolve_backend(backend: str, device: torch.device, attn_dtype: str, needs_g
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, backend: str) -> torch.Tensor:
     """q, k [B, H, N, E]; v [B, H, N, E_v]; key_mask [B, N] bool -> [B, H, N, E_v].
 
-    ``backend`` is a resolved name (see :func:`resolve_backend`). Computes in q's dtype.
+    ``backend`` is a resolved name (see :func:`resolve_backend`). Computes in q's dtype, with
+    the logits in fp32 as the fused kernels accumulate them (the compensated low-precision
+    q/k of ipa.py rely on it).
     """
     if backend == "dense":
-        logits = (q @ k.transpose(-1, -2)).masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        logits = (q.float() @ k.float().transpose(-1, -2)).masked_fill(~key_mask[:, None, None, :], float("-inf"))
         return torch.softmax(logits.float(), dim=-1).to(v.dtype) @ v
     limit = FLASH_HEAD_DIM_LIMIT if (backend == "flash_attn" or q.is_cuda) else None
     width = v.shape[-1]
