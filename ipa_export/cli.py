@@ -234,7 +234,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def se3_self_check(encoder: torch.nn.Module, seed: int = 0) -> float:
     """Largest deviation from SE(3) invariance (s, z_f1, z_f2) and equivariance (frames) on a
-    random chain under a random global rotation and translation."""
+    random chain under a random global rotation and translation (inf if an output is not finite)."""
     g = torch.Generator().manual_seed(seed)
     config = encoder.config
     length = min(SELF_CHECK_LENGTH, config.max_len or SELF_CHECK_LENGTH)  # a factoriser's length limit
@@ -257,7 +257,8 @@ def se3_self_check(encoder: torch.nn.Module, seed: int = 0) -> float:
         moved.rotations - q @ out.rotations,
         moved.translations - (out.translations @ q.T + shift),
     ]
-    return max(d.abs().max().item() for d in deviations if d.numel())  # no factors without pair bias
+    # NaN fails; no factors without pair bias
+    return max(torch.nan_to_num(d.abs(), nan=math.inf).max().item() for d in deviations if d.numel())
 
 
 def run_push(args: argparse.Namespace) -> int:

@@ -195,3 +195,19 @@ def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def test_leftovers_of_earlier_versions_are_recovered_and_removed(tmp_path):
+    """ipa_export <= 0.2 left .<name>.tmp-XXXXXXXX and .<name>.old-XXXXXXXX/<name> (mkdtemp)."""
+    work = tmp_path / "work"
+    saved = make_encoder(seed=5).save_pretrained(work / "export")
+    before = (saved / "model.safetensors").read_bytes()
+    (work / ".export.old-ab_cd123").mkdir()
+    saved.rename(work / ".export.old-ab_cd123" / "export")  # killed between the two renames
+    shutil.copytree(work / ".export.old-ab_cd123" / "export", work / ".export.tmp-x1y2z3w4")  # and a new one
+    (work / ".export.tmp-k9k9k9k9").mkdir()
+    (work / ".export.tmp-k9k9k9k9" / "notes.txt").write_text("not ours")
+    with pytest.raises(FileExistsError, match="already exists"):  # put back first, then refused
+        make_encoder(seed=9).save_pretrained(saved)
+    assert (saved / "model.safetensors").read_bytes() == before
+    assert listing(work) == [".export.tmp-k9k9k9k9", "export"]

@@ -336,3 +336,12 @@ def test_a_model_card_linked_out_of_the_export_is_refused(saved, tmp_path):
     (saved / "README.md").symlink_to(tmp_path / "private.txt")
     with pytest.raises(ValueError, match=r"README.md: refused: a symbolic link out of the export directory"):
         IPAEncoder.from_pretrained(saved)
+
+
+def test_validate_fails_on_non_finite_outputs_of_finite_weights(tmp_path, capsys):
+    encoder = make_encoder()
+    with torch.no_grad():
+        encoder.ipa_stack.ipa_blocks[0].ipa.linear_q.weight.fill_(3e38)  # finite, but q overflows
+    export = encoder.save_pretrained(tmp_path / "export")
+    assert main(["validate", str(export)]) == 1
+    assert "max deviation inf (tolerance 0.001): FAILED" in capsys.readouterr().out

@@ -175,6 +175,27 @@ def _recover(target: Path, owned: Collection[str]) -> None:
                 log.info("removed %s, left by an interrupted write", path)
             else:
                 log.warning("%s: left in place, it holds files this package did not write", path)
+    if owned:
+        _recover_legacy(target, owned)
+
+
+def _recover_legacy(target: Path, owned: Collection[str]) -> None:
+    """The leftovers of killed writes by ipa_export <= 0.2 (no locks; mkdtemp names): a
+    ``.<name>.old-*/<name>`` previous export is put back if ``target`` is missing, then such
+    directories and ``.<name>.tmp-*`` ones are removed if they hold only ``owned`` names."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-[a-z0-9_]{{8}}")
+    for name in sorted(os.listdir(target.parent)):
+        if not (m := pattern.fullmatch(name)) or not (path := target.parent / name).is_dir() or path.is_symlink():
+            continue
+        inner = path / target.name if m.group(1) == "old" else path
+        if (m.group(1) == "old" and os.listdir(path) != [target.name]) or not set(os.listdir(inner)) <= set(owned):
+            log.warning("%s: left in place, it holds files this package did not write", path)
+            continue
+        if m.group(1) == "old" and not os.path.lexists(target):
+            os.rename(inner, target)
+            log.warning("%s: put back the previous version that an interrupted overwrite left in %s", target, path)
+        shutil.rmtree(path)
+        log.info("removed %s, left by an interrupted write of an earlier ipa_export", path)
 
 
 def _check_target(target: Path, owned: Collection[str], marker: str, overwrite: bool, kind: str) -> None:
