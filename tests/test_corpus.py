@@ -367,3 +367,29 @@ def test_progress_bar_shows_chains_rate_and_errors_and_quiet_prints_nothing(corp
     assert "chains=3" in bar and "res_per_s=" in bar and "errors=3" in bar
     code, out, err = run(capsys, "embed", SHIPPED, corpus["tree"], "--out", tmp_path / "quiet", "--quiet")
     assert code == 3 and out == "" and err == ""
+
+
+def test_dtype_is_part_of_the_run_and_outputs_stay_float32(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, _ = run(capsys, "embed", SHIPPED, STRUCTURES / "3a4rA.pdb.gz", "--out", out, "--dtype", "bfloat16")
+    assert code == 0 and json.loads((out / "_manifest.json").read_text())["dtype"] == "bfloat16"
+    (record,) = load_embeddings(out)
+    want = direct(IPAEncoder.from_pretrained(SHIPPED), STRUCTURES / "3a4rA.pdb.gz", "A")
+    assert record["s"].dtype == torch.float32 and not torch.equal(record["s"], want["s"])
+    assert (record["s"] - want["s"]).abs().mean() < 0.05  # bf16 layers, fp32 geometry
+    code, _, err = run(capsys, "embed", SHIPPED, STRUCTURES / "3a4rA.pdb.gz", "--out", out)
+    assert code == 2 and "(different dtype)" in err
+    code, _, err = run(capsys, "embed", SHIPPED, STRUCTURES / "3a4rA.pdb.gz", "--out", out, "--dtype", "int8")
+    assert code == 2 and "--dtype: expected a floating dtype" in err
+
+
+@pytest.mark.slow
+def test_compiled_encoder_gives_the_eager_rows(tmp_path):
+    inputs = [STRUCTURES / "two_chains.pdb", STRUCTURES / "1ahsA.pdb.gz"]
+    embed_corpus(SHIPPED, inputs, tmp_path / "eager")
+    embed_corpus(SHIPPED, inputs, tmp_path / "compiled", compile=True)
+    eager = {r["id"]: r for r in load_embeddings(tmp_path / "eager")}
+    for record in load_embeddings(tmp_path / "compiled"):
+        for key in ("s", "rotations", "translations", "s_mean"):
+            torch.testing.assert_close(record[key], eager[record["id"]][key], atol=1e-4, rtol=1e-4)
+    assert len(eager) == 3

@@ -57,6 +57,8 @@ class EmbedSummary:
 
 @dataclass(frozen=True)
 class Parsed:
+    """A chain read and ready to embed, with its record id."""
+
     id: str
     source: Source
     backbone: Backbone
@@ -64,6 +66,8 @@ class Parsed:
 
 @dataclass(frozen=True)
 class Failed:
+    """A failed file (``chain`` "" and ``id`` None when the whole file failed) or chain."""
+
     source: str
     chain: str
     reason: str
