@@ -12,8 +12,9 @@ peak RSS (``ru_maxrss``) covers that run only.
   prepared in advance: efficiency = pipeline residues/s / bare residues/s (1.0 = parsing,
   batching and writing fully hidden), and the largest |difference| between the Parquet rows and
   the encoder run on each chain alone.
-- ``memory``: peak RSS of ``embed_corpus`` with the shipped tiny export on 20 and on 2,000
-  files of the same length distribution (the first 20 files are the first 20 of the 2,000).
+- ``memory``: peak RSS of ``embed_corpus`` with the shipped tiny export on 20, 200 and 2,000
+  files of the same length distribution (the first 20 / 200 files of the 2,000). 20 chains do
+  not fill one batch of the default budget; 200 and 2,000 run full batches.
 - ``ray``: the throughput corpus on Ray Data on this machine (``--engine ray``, local instance,
   its start-up included), beside the local engine.
 
@@ -202,11 +203,14 @@ def main() -> None:
             print(f"ray engine (local instance), usage config, {args.chains} chains:", json.dumps(result))
         if args.only in (None, "memory"):
             big = make_corpus(tmp / "corpus-2000", 2000)
-            small = tmp / "corpus-20"
-            small.mkdir()
-            for path in sorted(big.glob("*.pdb.gz"))[:20]:
-                shutil.copy(path, small)
-            for name, directory in (("20", small), ("2000", big)):
+            subsets = []
+            for count in (20, 200):
+                subset = tmp / f"corpus-{count}"
+                subset.mkdir()
+                for path in sorted(big.glob("*.pdb.gz"))[:count]:
+                    shutil.copy(path, subset)
+                subsets.append((str(count), subset))
+            for name, directory in (*subsets, ("2000", big)):
                 result = measure(TINY, directory, tmp / f"out-{name}")
                 print(f"memory, tiny export, {name} files:", json.dumps(result))
 
