@@ -128,16 +128,18 @@ def bare_encoder(export: str, corpus: Path, kwargs: dict, residues: int, pipelin
         size, n = len(batch), max(lengths)
         node_embed, ca = torch.zeros(size, n, encoder.config.c_s), torch.zeros(size, n, 3)
         rotations, mask = torch.eye(3).repeat(size, n, 1, 1), torch.zeros(size, n, dtype=torch.bool)
+        residue_index = torch.zeros(size, n, dtype=torch.int64)
         for i, b in enumerate(batch):
+            residue_index[i, : lengths[i]] = b.residue_numbers
             with torch.no_grad():
                 node_embed[i, : lengths[i]] = encoder.embed_residues(b.aatype)
             rotations[i, : lengths[i]], ca[i, : lengths[i]] = frames.from_backbone(b.n, b.ca, b.c)
             mask[i, : lengths[i]] = True
-        prepared.append((node_embed, ca, mask, rotations))
+        prepared.append((node_embed, ca, mask, rotations, residue_index))
     started = time.perf_counter()
     with torch.inference_mode():
-        for node_embed, ca, mask, rotations in prepared:
-            encoder(node_embed, ca, mask, rotations=rotations)
+        for node_embed, ca, mask, rotations, residue_index in prepared:
+            encoder(node_embed, ca, mask, rotations=rotations, residue_index=residue_index)
     bare_s = time.perf_counter() - started
     bare_residues = sum(len(c.sequence) for c in chains)
     assert bare_residues == residues, (bare_residues, residues)
@@ -161,7 +163,7 @@ def max_difference(encoder, records, corpus: Path) -> float:
         rotations, ca = frames.from_backbone(b.n, b.ca, b.c)
         with torch.inference_mode():
             out = encoder(encoder.embed_residues(b.aatype)[None], ca[None], torch.ones(1, len(ca), dtype=torch.bool),
-                          rotations=rotations[None])  # fmt: skip
+                          rotations=rotations[None], residue_index=b.residue_numbers[None])  # fmt: skip
         for key in ("s", "rotations", "translations"):
             worst = max(worst, (getattr(out, key)[0] - record[key]).abs().max().item())
     return worst
