@@ -3,6 +3,7 @@ flash_ipa's own state-dict keys loaded strictly, Rigid-like frames, padding inva
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -391,3 +392,18 @@ def test_cli_validates_exports_of_the_new_modes(tmp_path: Path, capsys: pytest.C
     torch.manual_seed(0)
     IPAEncoder(config).save_pretrained(tmp_path / "export")
     assert cli_main(["validate", str(tmp_path / "export")]) == 0, capsys.readouterr()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_deepcopy_keeps_the_mode_and_owns_its_parameters(mode: str) -> None:
+    """Training loops copy modules (EMA weights): the copy is the same mode, computes the same
+    outputs, and does not share parameters."""
+    t, edge, ipa = load_case(mode)
+    edge_copy, ipa_copy = copy.deepcopy(edge), copy.deepcopy(ipa)
+    assert type(edge_copy) is type(edge) and isinstance(edge_copy, EdgeEmbedder)
+    inputs = (t["inputs.node_embed"], t["inputs.translations"], t["inputs.rotations"], t["inputs.node_mask"])
+    with torch.no_grad():
+        torch.testing.assert_close(step(edge_copy, ipa_copy)(*inputs), t["outputs.s"], atol=ATOL, rtol=0)
+        for p in (*edge_copy.parameters(), *ipa_copy.parameters()):
+            p.zero_()
+    assert all(p.any() for p in ipa.parameters())
