@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -246,7 +247,10 @@ class IPAEncoder(ExportMixin, nn.Module):
         check_devices(weight.device, residue_index=residue_index, chain_index=chain_index)
         warn_unusual_ca_spacing(node_mask, translations)
         dtype = weight.dtype
-        with torch.autocast(node_embed.device.type, enabled=False):
+        device_type = node_embed.device.type
+        # only inside an autocast region: an autocast context in a compiled graph bypasses AOTAutograd's cache
+        autocast = torch.is_autocast_enabled(device_type)
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
             node_embed = node_embed.to(dtype)
             if rotations is None:
                 rotations = identity_rotations(node_mask.shape, device=translations.device)
