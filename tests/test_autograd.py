@@ -97,7 +97,8 @@ def test_jvp_matches_finite_differences():
 
 def test_second_order_gradients():
     """Hessian-vector products three ways: torch.func (jvp of grad), plain autograd with
-    create_graph=True on the dense backend and on sdpa's math kernel, and finite differences."""
+    create_graph=True on the dense backend, on sdpa (its default kernel and the math kernel),
+    and finite differences."""
     node, coords, mask = protein()
     node = node.double()
     direction = torch.randn(node.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -105,7 +106,7 @@ def test_second_order_gradients():
     grad = torch.func.grad(lambda n: loss(encoder, n, coords, mask))
     _, hvp = torch.func.jvp(grad, (node,), (direction,))
     assert hvp.abs().max() > 1.0
-    for attention, context in (("dense", None), ("sdpa", sdpa_kernel(SDPBackend.MATH))):
+    for attention, context in (("dense", None), ("sdpa", None), ("sdpa", sdpa_kernel(SDPBackend.MATH))):
         plain = make_encoder(tiny_config(attention=attention)).double()
         n = node.clone().requires_grad_()
         with context or torch.enable_grad():

@@ -17,6 +17,7 @@ keys of each protein:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,11 +93,53 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     else:
         mask = key_mask[:, None, None, :]
 
+        differentiable_twice = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        sdpa = _TwiceDifferentiableSdpa.apply if differentiable_twice else _sdpa
+
         def run(value: torch.Tensor) -> torch.Tensor:
-            return F.scaled_dot_product_attention(q, k, value, attn_mask=mask, scale=1.0)
+            return sdpa(q, k, value, mask)
 
     outputs = [run(_pad(vc, head))[..., : vc.shape[-1]] for vc in v.split(chunk, dim=-1)]
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+class _TwiceDifferentiableSdpa(torch.autograd.Function):
+    """``scaled_dot_product_attention`` whose backward is differentiable again.
+
+    The fused CPU kernels have no second derivative. The backward recomputes the attention:
+    with the fused kernel for a plain backward (its memory-lean gradient), and with plain
+    differentiable ops when autograd records the backward itself (``create_graph=True``), so
+    double backward works on the default backend."""
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return _sdpa(q, k, v, mask)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, mask = ctx.saved_tensors
+        wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            inputs = [(q, k, v)[i] for i in wanted]
+            logits = (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+            out = torch.softmax(logits, dim=-1) @ v
+            grads = torch.autograd.grad(out, inputs, grad, create_graph=True, allow_unused=True)
+        else:
+            with torch.enable_grad():
+                inputs = [(q, k, v)[i].detach().requires_grad_() for i in wanted]
+                leaves = iter(inputs)
+                args = [next(leaves) if i in wanted else x for i, x in enumerate((q, k, v))]
+                grads = torch.autograd.grad(_sdpa(*args, mask), inputs, grad)
+        by_input = dict(zip(wanted, grads, strict=True))
+        return by_input.get(0), by_input.get(1), by_input.get(2), None
 
 
 def _round8(n: int) -> int:
