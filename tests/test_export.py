@@ -260,8 +260,27 @@ def test_missing_directory_or_unknown_repo(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="nowhere: no such export directory"):
         IPAEncoder.from_pretrained(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match="neither a local export directory nor a Hub repository"):
+    with pytest.raises(FileNotFoundError, match="neither a local export directory nor a Hub repository") as caught:
         IPAEncoder.from_pretrained("org/not-cached", cache_dir=tmp_path, local_files_only=True)
+    assert "\n" not in str(caught.value)
+
+
+def test_unreachable_hub_is_one_line(tmp_path, monkeypatch):
+    """huggingface_hub's offline message spans lines; the error stays one line (the network call is faked)."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("Got: ConnectError: Name or service not known\nAn error happened while trying")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as caught:
+        IPAEncoder.from_pretrained("org/bindrae-ipa")
+    assert str(caught.value) == (
+        "org/bindrae-ipa: neither a local export directory nor a Hub repository that could be resolved "
+        "(Got: ConnectError: Name or service not known An error happened while trying)"
+    )
 
 
 # --- atomic writes ----------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def resolve_export(
         )
     except (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError) as error:
         raise FileNotFoundError(
-            f"{path_or_repo_id}: neither a local export directory nor a Hub repository that could be resolved ({error})"
+            f"{path_or_repo_id}: neither a local export directory nor a Hub repository that could be resolved "
+            f"({' '.join(str(error).split())})"
         ) from error
 
 
