@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import make_encoder, random_chain, tiny_config
 
-from ipa_export.model.attention import attend, flash_attn_available, resolve_backend
+from ipa_export.model import attention
+from ipa_export.model.attention import _sdpa, attend, flash_attn_available, resolve_backend
 
 # Documented tolerance of bf16 attention against fp32, on a randomised model whose outputs
 # have std ~1: mean |error| of s below 0.03 and max below 0.6 (measured: 0.007-0.02, 0.06-0.5).
@@ -50,6 +51,26 @@ def test_value_chunking_is_exact(chunks):
         mp.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # take the CUDA chunking path on CPU
         chunked = attend(q, k, v, mask, "sdpa")
     torch.testing.assert_close(chunked, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("width_qk", "width_v"), [(13, 21), (29, 11), (155, 228)])
+def test_sdpa_with_head_sizes_off_multiples_of_8_matches_dense(width_qk, width_v):
+    """On the CPU the fused kernel takes any head size: q/k or v, whichever is narrower, is
+    padded to the other's width only (no rounding to 8), and the result is the dense one."""
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 3, 40, width_qk, generator=g) / width_qk**0.5 for _ in range(2))
+    v = torch.randn(2, 3, 40, width_v, generator=g)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[0, 29:] = False
+    seen = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention, "_sdpa", lambda *args: seen.append(args[2]) or _sdpa(*args))
+        out = attend(q, k, v, mask, "sdpa")
+    assert [x.shape[-1] for x in seen] == [max(width_qk, width_v)]
+    if width_v >= width_qk:
+        assert seen[0].data_ptr() == v.data_ptr()  # the wider value is passed on as it is, not copied
+    assert out.shape == v.shape
+    torch.testing.assert_close(out, attend(q, k, v, mask, "dense"), atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_attention_within_documented_tolerance():

@@ -5,7 +5,8 @@ keys of each protein:
 
 - ``dense``: explicit [B, H, N, N] logits; exact, O(N^2) memory, for checking.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; q, k and v are zero-padded
-  to one head size (a multiple of 8) so the fused kernels apply. On CUDA the value is split
+  to one head size so the fused kernels apply (the wider of q/k and v; on CUDA rounded up to a
+  multiple of 8, which its kernels need, the CPU kernel does not). On CUDA the value is split
   into chunks of at most 256 channels, each attended with the same q and k: exact, since
   the softmax weights do not depend on the value.
 - ``flash_attn``: flash-attn's kernel (CUDA, fp16/bf16, inference), registered as a custom
@@ -76,8 +77,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     limit = FLASH_HEAD_DIM_LIMIT if (backend == "flash_attn" or q.is_cuda) else None
     width = v.shape[-1]
     chunks = 1 if limit is None else math.ceil(width / limit)
-    chunk = _round8(math.ceil(width / chunks))
-    head = max(_round8(q.shape[-1]), chunk)
+    align = 1 if limit is None else 8  # no copy of v where it is the wider one (CPU)
+    chunk = _round_up(math.ceil(width / chunks), align)
+    head = max(_round_up(q.shape[-1], align), chunk)
     if limit is not None and head > limit:
         raise InputError(f"query/key head size {q.shape[-1]} exceeds the kernel limit {limit}")
     q, k = _pad(q, head), _pad(k, head)
@@ -142,8 +144,8 @@ class _TwiceDifferentiableSdpa(torch.autograd.Function):
         return by_input.get(0), by_input.get(1), by_input.get(2), None
 
 
-def _round8(n: int) -> int:
-    return -(-n // 8) * 8
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _pad(x: torch.Tensor, size: int) -> torch.Tensor:
