@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import random_chain, random_rotation
 
-from ipa_export.model.knn import knn
+from ipa_export.model import knn as knn_module
+from ipa_export.model.knn import knn, smallest
 
 
 def brute_force(coords: torch.Tensor, mask: torch.Tensor, k: int):
@@ -132,3 +133,43 @@ def test_padded_positions_may_hold_anything():
     coords[0, 20:] = float("nan")
     got = knn(coords, mask, 10)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0][:, :20], want[0][:, :20])
+
+
+def test_block_preselection_returns_the_smallest_values_ties_included():
+    count, length, block = 18, 6000, knn_module.BLOCK
+    g = torch.Generator().manual_seed(0)
+    d2 = torch.randint(100, 140, (5, length), generator=g).float()  # many equal values
+    for row in range(3):  # the smallest values one per block: every chosen block is needed
+        blocks = torch.randperm(length // block, generator=g)[:count]
+        d2[row, blocks * block + row] = torch.arange(1.0, count + 1)
+    d2[1, 5 * block] = d2[1].amax()  # ... and a tie at the count-th place, in another block
+    d2[1, blocks[-1] * block + 1] = float(count)
+    d2[2, -3:] = 0.0  # in the partial last block
+    d2[3] = 7.0  # all equal
+    d2[4, 100:] = float("inf")  # excluded columns
+    for n in (count, count + 5):
+        values, columns = smallest(d2, n)
+        want = torch.topk(d2, n, dim=-1, largest=False).values
+        assert torch.equal(values.sort(-1).values, want.sort(-1).values)
+        assert torch.equal(d2.gather(-1, columns), values)
+        assert (columns.sort(-1).values.diff(dim=-1) > 0).all()  # distinct columns
+
+
+def test_block_preselection_gives_the_same_neighbours_as_one_topk_per_row(monkeypatch):
+    # 5,400 residues, long enough for the block pre-selection: a rotated lattice (ties at
+    # every distance) and a random chain with padding.
+    n = 5400
+    assert 4 * (10 + knn_module.EXTRA_CANDIDATES) * knn_module.BLOCK <= n
+    g = torch.Generator().manual_seed(2)
+    r = torch.arange(18.0), torch.arange(15.0), torch.arange(20.0)
+    lattice = 3.8 * torch.stack(torch.meshgrid(*r, indexing="ij"), -1).reshape(n, 3)
+    coords = torch.zeros(2, n, 3)
+    coords[0] = lattice[torch.randperm(n, generator=g)] @ random_rotation(g).float().T
+    coords[1, :5000] = random_chain(5000, g)
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[1, 5000:] = False
+    got = knn(coords, mask, 10)
+    monkeypatch.setattr(knn_module, "BLOCK", n)  # every row through one topk, as before
+    want = knn(coords, mask, 10)
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0], want[0])

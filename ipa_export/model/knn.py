@@ -9,7 +9,7 @@ piecewise constant and carry no gradient).
 The search, per chunk of ``chunk_size`` query rows (largest temporary [B, chunk_size, N]):
 
 1. squared distances of the chunk to all residues by one GEMM (coordinates centred on the
-   protein's centroid), the ``k + 8`` smallest taken as candidates;
+   protein's centroid), the ``k + 8`` smallest taken as candidates (see :func:`smallest`);
 2. exact direct-difference distances ``|x_i - x_j|`` (float32) for the candidates;
 3. candidates sorted by distance, then grouped: a sorted gap below the tie tolerance joins the
    next candidate to the current group (chained). Groups are ordered by distance and the
@@ -33,6 +33,7 @@ DEFAULT_CHUNK_SIZE = 256
 TIE_ATOL = 1e-4  #: Angstrom
 TIE_RTOL = 1e-6  #: times the protein's radius (Angstrom)
 EXTRA_CANDIDATES = 8
+BLOCK = 64  #: columns per block of the candidate pre-selection (see smallest)
 _GEMM_RTOL = 1e-5  # bound on the GEMM squared-distance error, relative to the squared radius
 
 
@@ -59,9 +60,10 @@ def knn_indices(coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: in
     lhs = torch.cat([x, squares[..., None], ones], dim=-1)  # [B, N, 5]
     rhs = torch.cat([-2 * x, ones, squares.masked_fill(~mask, float("inf"))[..., None]], dim=-1).transpose(1, 2)
     columns = torch.arange(length, device=coords.device)
+    buffer = x.new_empty(batch * min(chunk_size, length) * length)  # one [B, n, N] block, reused
     for start in range(0, length, chunk_size):
         rows = columns[start : start + chunk_size]
-        d2 = torch.bmm(lhs[:, rows], rhs)  # [B, n, N]
+        d2 = torch.bmm(lhs[:, rows], rhs, out=buffer[: batch * len(rows) * length].view(batch, len(rows), length))
         d2[:, torch.arange(len(rows), device=coords.device), rows] = float("inf")  # not itself
         indices[:, rows, :k_found] = _select(d2, x, rows, mask[:, rows], k_found, tol, gemm_error)
     return indices
@@ -81,7 +83,7 @@ def _select(
     length = d2.shape[-1]
     count = min(k + EXTRA_CANDIDATES, length)
     while True:
-        approx, candidates = torch.topk(d2, count, dim=-1, largest=False, sorted=False)  # [B, n, c]
+        approx, candidates = smallest(d2, count)  # [B, n, c]
         neighbours = x.gather(1, candidates.flatten(1)[..., None].expand(-1, -1, 3)).unflatten(1, candidates.shape[1:])
         exact = torch.linalg.vector_norm(x[:, rows, None, :] - neighbours, dim=-1)
         exact = torch.where(torch.isinf(approx), float("inf"), exact)
@@ -101,6 +103,28 @@ def _select(
             break
         count = min(2 * count, length)
     return torch.where(torch.isfinite(chosen_distance) & row_mask[..., None], chosen, -1)
+
+
+def smallest(d2: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``count`` smallest values of each row and their columns, unsorted, as
+    ``torch.topk(d2, count, largest=False)`` (among equal values at the count-th place, which
+    ones are returned may differ). d2 [..., N] -> values, indices [..., count].
+
+    Long rows are searched in blocks of ``BLOCK`` columns: the count smallest values lie in the
+    count blocks with the smallest minima (a value outside them is preceded by those blocks'
+    count minima) or in the last, partial block; only those columns go through ``topk``."""
+    length = d2.shape[-1]
+    blocks = length // BLOCK
+    if count * BLOCK * 4 > length:
+        return torch.topk(d2, count, dim=-1, largest=False, sorted=False)
+    minima = d2[..., : blocks * BLOCK].unflatten(-1, (blocks, BLOCK)).amin(-1)  # [..., blocks]
+    chosen = torch.topk(minima, count, dim=-1, largest=False, sorted=False).indices
+    offsets = torch.arange(BLOCK, device=d2.device)
+    columns = (chosen[..., None] * BLOCK + offsets).flatten(-2)  # [..., count * BLOCK]
+    rest = torch.arange(blocks * BLOCK, length, device=d2.device).expand(*columns.shape[:-1], -1)
+    columns = torch.cat([columns, rest], dim=-1)
+    values, picked = torch.topk(d2.gather(-1, columns), count, dim=-1, largest=False, sorted=False)
+    return values, columns.gather(-1, picked)
 
 
 @knn_indices.register_fake
