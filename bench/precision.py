@@ -1,14 +1,19 @@
-"""Precision of the expanded point-distance term for chains far from the origin.
+"""Precision of the encoder against an fp64 reference: fp32, and bf16 / fp16 attention.
 
-The IPA folds -w/2 |q^ - k^|^2 into one dot product, q^.k^ - |k^|^2/2 (ipa_export/ipa.py). Its
+The IPA folds -w/2 |q^ - k^|^2 into one dot product, q^.k^ - |k^|^2/2 (ipa_export/model/ipa.py). Its
 terms grow with |x|^2 while their difference does not, so it loses digits when the points are far
 from the origin; the encoder therefore takes points relative to each protein's centroid
-(``ipa_export.model.ipa.masked_centroid``). This script measures the encoder output ``s`` for chains
-centred at increasing offsets from the origin against an fp64 reference run of the same weights:
-in fp32 with the centring (as shipped) and without it (``masked_centroid`` monkeypatched to return
-zeros), and with bf16 / fp16 attention (``attn_dtype``) compensated (as shipped: the point terms
-split into high and low parts, ``ipa_export.model.ipa.point_terms``) and plain (``point_terms``
-monkeypatched to its fp32 form, so the point terms are rounded once to the attention dtype).
+(``ipa_export.model.ipa.masked_centroid``). In bf16 / fp16 attention the point terms, value points
+and outputs lose more (ipa_export/model/low_precision.py). This script measures the encoder output
+``s`` for chains centred at increasing offsets from the origin against an fp64 reference run of the
+same weights: in fp32 with the centring (as shipped) and without it (``masked_centroid``
+monkeypatched to return zeros), and with bf16 / fp16 attention (``attn_dtype``) in three variants:
+
+- ``anchored`` (as shipped): blocks of ``low_precision.BLOCK`` queries, compensated point terms and
+  value anchors every ``low_precision.SUB`` residues;
+- ``compensated``: one block and one anchor (the centroid), compensated point terms (as 0.2.0);
+- ``plain``: one block and one anchor, the point terms rounded once.
+
 A last table gives the forward time of each variant (best of ``--repeats``) at the walk's N.
 
 The fp64 reference: ``model.double()`` alone still runs attention in ``attn_dtype`` (fp32) and
@@ -42,6 +47,7 @@ from _common import USAGE_CONFIG, make_inputs  # noqa: E402
 
 import ipa_export.model.edge_embedder as edge_embedder_module  # noqa: E402
 import ipa_export.model.ipa as ipa_module  # noqa: E402
+import ipa_export.model.low_precision as low_precision  # noqa: E402
 from ipa_export import EncoderConfig, IPAEncoder  # noqa: E402
 
 
@@ -57,17 +63,26 @@ def no_centring():
 
 
 @contextlib.contextmanager
-def plain_attention():
-    """Uncompensated low-precision attention: ``point_terms`` always builds the fp32 layout."""
-    original = ipa_module.point_terms
-    ipa_module.point_terms = lambda q, k, norms, dtype: original(q, k, norms, torch.float32)
+def one_block(compensated: bool):
+    """The low-precision path of ipa_export 0.2.0: one block of queries and one value anchor (the
+    protein's centroid), with the point terms compensated or (``compensated=False``) rounded once."""
+    saved = low_precision.BLOCK, low_precision.SUB, low_precision.point_terms
+    low_precision.BLOCK = low_precision.SUB = 1 << 30
+    if not compensated:
+        low_precision.point_terms = lambda q, k, norms, dtype: tuple(
+            [x.to(dtype) for x in terms] for terms in saved[2](q, k, norms, torch.float32)
+        )
     try:
         yield
     finally:
-        ipa_module.point_terms = original
+        low_precision.BLOCK, low_precision.SUB, low_precision.point_terms = saved
 
 
-LOW_PRECISION_VARIANTS = {"plain": plain_attention, "compensated": contextlib.nullcontext}
+LOW_PRECISION_VARIANTS = {
+    "plain": lambda: one_block(compensated=False),
+    "compensated": lambda: one_block(compensated=True),
+    "anchored": contextlib.nullcontext,
+}
 
 
 def variants(dtype: str) -> dict[str, contextlib.AbstractContextManager]:
@@ -216,11 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Columns: 'fp32' / 'bf16' / 'fp16' = attn_dtype (q, k, v of the attention in that dtype, the rest",
         "fp32); 'centred' = as shipped (points relative to the protein's centroid); 'uncentred' =",
-        "ipa_export.model.ipa.masked_centroid monkeypatched to zeros; 'compensated' = as shipped (point terms",
-        "split into high and low parts); 'plain' = the point terms rounded once. 'fp64 uncentred' = the",
-        "reference without centring minus the reference (a check: the offset is harmless in exact arithmetic).",
+        "ipa_export.model.ipa.masked_centroid monkeypatched to zeros; 'anchored' = as shipped (blocks of",
+        f"{low_precision.BLOCK} queries, compensated point terms, value anchors every {low_precision.SUB} residues);",
+        "'compensated' = one block, one anchor, compensated point terms (0.2.0); 'plain' = one block, one",
+        "anchor, point terms rounded once. 'fp64 uncentred' = the reference without centring minus the",
+        "reference (a check: the offset is harmless in exact arithmetic).",
     ]
-    print("\n".join(lines[-6:]))
+    print("\n".join(lines[-7:]))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
     return 0

@@ -9,9 +9,10 @@ from conftest import make_encoder, random_chain, tiny_config
 from ipa_export.model import attention
 from ipa_export.model.attention import _sdpa, attend, flash_attn_available, resolve_backend
 
-# Documented tolerance of bf16 attention against fp32, on a randomised model whose outputs
-# have std ~1: mean |error| of s below 0.03 and max below 0.6 (measured: 0.007-0.02, 0.06-0.5).
-BF16_MEAN_ATOL, BF16_MAX_ATOL = 0.03, 0.6
+# Tolerance of bf16 attention against fp32 on a small randomised model whose outputs have std ~1:
+# mean |error| of s below 5e-3 and max below 0.05 (measured on four seeds: 2.2-4.1e-3 and
+# 0.014-0.069 for the max of the four; 0.2.0, one anchor per protein: 4.1-7.2e-3, 0.033-0.080).
+BF16_MEAN_ATOL, BF16_MAX_ATOL = 5e-3, 0.05
 
 
 def batch(config, lengths, seed=0):
@@ -85,8 +86,8 @@ def test_bf16_attention_within_documented_tolerance():
     assert b.s.dtype == torch.float32 and b.rotations.dtype == torch.float32  # frames stay fp32
     error = (a.s - b.s)[mask].abs()
     assert 0 < error.mean() < BF16_MEAN_ATOL and error.max() < BF16_MAX_ATOL
-    # Points are centred per protein before the expanded dot product, so the bf16 error does
-    # not grow with the distance from the origin (uncentred, it grows ~10x at 200 A).
+    # Points are taken relative to anchors inside the protein, so the bf16 error does not grow
+    # with the distance from the origin (uncentred, it grows ~10x at 200 A).
     far_error = (a.s - far.s)[mask].abs()
     assert far_error.mean() < 1.5 * error.mean() and far_error.max() < BF16_MAX_ATOL
     torch.testing.assert_close(b.z_f1, a.z_f1)  # the edge embedder does not use attention

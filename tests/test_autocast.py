@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_encoder, random_chain, tiny_config
 
-from ipa_export.model import ipa
+from ipa_export.model import ipa, low_precision
 
 B, L = 2, 40
 FIELDS = ("s", "rotations", "translations", "z_f1", "z_f2")
@@ -23,7 +23,7 @@ def inputs():
 
 @pytest.fixture
 def attention_dtypes(monkeypatch):
-    """The dtypes attention is computed in, recorded at ipa.attend."""
+    """The dtypes attention is computed in, recorded at attend (fp32 and low-precision paths)."""
     seen: list[torch.dtype] = []
     real = ipa.attend
 
@@ -31,7 +31,8 @@ def attention_dtypes(monkeypatch):
         seen.append(q.dtype)
         return real(q, k, v, key_mask, backend)
 
-    monkeypatch.setattr(ipa, "attend", spy)
+    for module in (ipa, low_precision):
+        monkeypatch.setattr(module, "attend", spy)
     return seen
 
 

@@ -172,3 +172,44 @@ def test_compile_cache_errors(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ipa_export.model.compiling"):
         assert load_compile_cache(tmp_path / "junk.bin", trusted=True) is None
     assert "not a compile cache" in caplog.text
+
+
+def test_bf16_attention_is_one_node_without_graph_breaks(encoder):
+    """Low-precision attention loops over blocks of queries; compiled, the loop is the custom op
+    ``ipa_export::anchored_attention``, so the graph does not depend on the length."""
+    bf16 = IPAEncoder(TINY.replace(attn_dtype="bf16")).eval().requires_grad_(False)
+    args = make_batch(2, 40)
+    with torch.no_grad(), _compile_scope():
+        explanation = torch._dynamo.explain(bf16)(*(_unbacked_batch(a) for a in args))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    assert "ipa_export.anchored_attention" in str(explanation.graphs[0].graph)
+
+
+@pytest.mark.slow  # Inductor builds C++: minutes on a small CPU
+def test_bf16_compiled_keeps_the_compensation_and_one_graph(encoder):
+    """Compiled bf16 attention is as close to fp32 as eager bf16 (Inductor may elide a
+    ``.to(bf16).float()`` round trip, which would zero the compensation's low parts), with one
+    graph for every length; its gradient (the custom op's recomputing backward) equals eager's."""
+    bf16 = IPAEncoder(TINY.replace(attn_dtype="bf16")).eval().requires_grad_(False)
+    bf16.load_state_dict(encoder.state_dict())
+    counter = CompileCounterWithBackend("inductor")
+    compiled = compile_encoder(bf16, backend=counter)
+    with torch.no_grad():
+        for i, length in enumerate((16, 57, 100, 200)):
+            node_embed, translations, mask = make_batch(i % 2 + 1, length, seed=i)
+            translations = translations + 500.0  # far from the origin
+            fp32, eager, fast = (m(node_embed, translations, mask).s for m in (encoder, bf16, compiled))
+            eager_error = (eager - fp32)[mask].abs().max().item()
+            compiled_error = (fast - fp32)[mask].abs().max().item()
+            assert compiled_error <= max(2 * eager_error, 1e-3), (length, compiled_error, eager_error)
+    assert counter.frame_count == COMPILE_BOUND
+
+    node_embed, translations, mask = make_batch(2, 45, seed=7)
+    trained = torch.compile(bf16, fullgraph=True)
+    grads = []
+    for model in (bf16, trained):
+        x = node_embed.clone().requires_grad_()
+        (model(x, translations, mask).s[mask].square().sum()).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=2e-3, rtol=2e-2)

@@ -74,14 +74,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     if backend == "dense":
         logits = (q.float() @ k.float().transpose(-1, -2)).masked_fill(~key_mask[:, None, None, :], float("-inf"))
         return torch.softmax(logits.float(), dim=-1).to(v.dtype) @ v
-    limit = FLASH_HEAD_DIM_LIMIT if (backend == "flash_attn" or q.is_cuda) else None
-    width = v.shape[-1]
-    chunks = 1 if limit is None else math.ceil(width / limit)
-    align = 1 if limit is None else 8  # no copy of v where it is the wider one (CPU)
-    chunk = _round_up(math.ceil(width / chunks), align)
-    head = max(_round_up(q.shape[-1], align), chunk)
-    if limit is not None and head > limit:
-        raise InputError(f"query/key head size {q.shape[-1]} exceeds the kernel limit {limit}")
+    head, chunk = head_sizes(q.shape[-1], v.shape[-1], backend == "flash_attn" or q.is_cuda)
     q, k = _pad(q, head), _pad(k, head)
     if backend == "flash_attn":
         order = torch.argsort((~key_mask).to(torch.uint8), dim=-1, stable=True)[:, None, :, None]  # valid keys first
@@ -103,6 +96,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
 
     outputs = [run(_pad(vc, head))[..., : vc.shape[-1]] for vc in v.split(chunk, dim=-1)]
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+
+def head_sizes(qk_width: int, v_width: int, limited: bool) -> tuple[int, int]:
+    """``(head, chunk)``: the q/k head size and value chunk width :func:`attend` pads to, for
+    kernels with CUDA's head-size limit when ``limited``. Inputs already that wide are not copied."""
+    limit = FLASH_HEAD_DIM_LIMIT if limited else None
+    chunks = 1 if limit is None else math.ceil(v_width / limit)
+    align = 1 if limit is None else 8  # no copy of v where it is the wider one (CPU)
+    chunk = _round_up(math.ceil(v_width / chunks), align)
+    head = max(_round_up(qk_width, align), chunk)
+    if limit is not None and head > limit:
+        raise InputError(f"query/key head size {qk_width} exceeds the kernel limit {limit}")
+    return head, chunk
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

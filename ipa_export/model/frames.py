@@ -26,7 +26,12 @@ def apply(rotations: torch.Tensor, translations: torch.Tensor, points: torch.Ten
 
 def invert_apply(rotations: torch.Tensor, translations: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Global to local: ``R^T (x - t)``. Shapes as in :func:`apply`."""
-    return torch.einsum("...ji,...j->...i", rotations, points - translations)
+    return invert_rotate(rotations, points - translations)
+
+
+def invert_rotate(rotations: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Global to local directions: ``R^T v``. rotations [..., 3, 3], vectors [..., 3]."""
+    return torch.einsum("...ji,...j->...i", rotations, vectors)
 
 
 def compose(frames: Frames, update: Frames) -> Frames:

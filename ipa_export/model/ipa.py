@@ -17,17 +17,8 @@ axis) folds the three terms into one dot product of augmented vectors:
 so attention needs no [N, N] tensor. Points are taken relative to each protein's centroid
 (identical logits in exact arithmetic) to keep |k^|^2 small and the expansion precise.
 
-Low-precision attention (``attn_dtype`` bf16 or fp16) is compensated: the point terms
-w q^.k^ and w |k^|^2 / 2 are each of order w |x|^2 while the logits are differences of them,
-so rounding them to 8 (bf16) or 11 (fp16) bits loses the logits. Each fp32 point coordinate
-and norm term is split into a high part (rounded to the attention dtype) and a low part (the
-remainder, rounded), and the cross terms become extra channels:
-
-    q_aug = [q / sqrt(3 C),  (w q^)_hi, (w q^)_hi, (w q^)_lo,  1,    1,     b1]
-    k_aug = [k,              k^_hi,     k^_lo,     k^_hi,      n_hi, n_lo,  b2]
-
-(n = -w |k^|^2 / 2), so q.k carries the point terms to ~16 (bf16) or ~22 (fp16) bits; the
-kernels accumulate the products in fp32.
+Low-precision attention (``attn_dtype`` bf16 or fp16) goes through
+:func:`.low_precision.anchored_attention`, which keeps the point terms near fp32 accuracy.
 """
 
 from __future__ import annotations
@@ -41,34 +32,10 @@ from torch import nn
 from ..config import EncoderConfig
 from . import frames
 from .attention import ATTN_DTYPES, attend
+from .low_precision import anchored_attention, masked_centroid, point_terms
 from .pair_attention import attend_with_pair
 
 POINT_NORM_EPS = 1e-8
-
-
-def masked_centroid(translations: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, N, 3], [B, N] bool -> [B, 1, 3] mean position of the valid residues."""
-    weights = mask[..., None].to(translations.dtype)
-    return (translations * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)
-
-
-def point_terms(
-    q_points: torch.Tensor, k_points: torch.Tensor, k_norms: torch.Tensor, dtype: torch.dtype
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The point channels of q_aug and k_aug (fp32), compensated when ``dtype`` is bf16/fp16.
-
-    q_points = w q^ and k_points = k^ [B, N, H, 3 P_qk]; k_norms = -w |k^|^2 / 2 [B, N, H, 1].
-    Returns lists to concatenate: ``[q_points, 1]`` and ``[k_points, k_norms]`` for fp32, else
-    ``[q_hi, q_hi, q_lo, 1, 1]`` and ``[k_hi, k_lo, k_hi, n_hi, n_lo]`` (high = rounded to
-    ``dtype``, low = the fp32 remainder, rounded when the caller casts to ``dtype``).
-    """
-    ones = torch.ones_like(k_norms)
-    if torch.finfo(dtype).bits >= 32:
-        return [q_points, ones], [k_points, k_norms]
-    exact = (q_points, k_points, k_norms)
-    q_hi, k_hi, n_hi = (x.to(dtype).float() for x in exact)
-    q_lo, k_lo, n_lo = (x - high for x, high in zip(exact, (q_hi, k_hi, n_hi), strict=True))
-    return [q_hi, q_hi, q_lo, ones, ones], [k_hi, k_lo, k_hi, n_hi, n_lo]
 
 
 class InvariantPointAttention(nn.Module):
@@ -138,27 +105,32 @@ class InvariantPointAttention(nn.Module):
 
         weight = F.softplus(self.head_weights.float()) * math.sqrt(1.0 / (3 * self.qk_points * 9.0 / 2))  # [H]
         weight = weight[:, None]
-        dtype = self.attn_dtype
-        k_norms = -0.5 * weight * k_pts.square().sum((-1, -2))[..., None]  # [B, N, H, 1]
-        q_terms, k_terms = point_terms(
-            weight * q_pts.flatten(-2), k_pts.flatten(-2), k_norms, dtype if pair is None else torch.float32
-        )  # the dense pair path computes in fp32
-        q_aug = torch.cat([q / math.sqrt(3 * hidden), *q_terms, b1], dim=-1)
-        k_aug = torch.cat([k, *k_terms, b2], dim=-1)
-        v_aug = torch.cat([v, v_pts.flatten(-2), pair_2.flatten(-2)[:, :, None].expand(-1, -1, heads, -1)], dim=-1)
-
-        if pair is None:
-            out = attend(*(x.transpose(1, 2).to(dtype) for x in (q_aug, k_aug, v_aug)), mask, backend)
-        else:
-            qkv = (x.transpose(1, 2) for x in (q_aug, k_aug, v_aug))
-            out, dense_pair = attend_with_pair(*qkv, mask, pair, self.linear_b, self.down_z)
-        out = out.transpose(1, 2).float()  # [B, N, H, E_v]
-
+        q = q / math.sqrt(3 * hidden)
+        v_pair = pair_2.flatten(-2)[:, :, None].expand(-1, -1, heads, -1)  # [B, N, H, R c_z/4]
+        if pair is None and self.attn_dtype.itemsize < 4:
+            scalar, o_pts = anchored_attention(
+                torch.cat([q, b1], dim=-1), torch.cat([k, b2], dim=-1), q_pts, k_pts, weight,
+                torch.cat([v, v_pair], dim=-1), v_pts - translations[:, :, None, None], translations, mask,
+                self.attn_dtype, backend,
+            )  # fmt: skip
+            o, o_pair = scalar.split([hidden, v_pair.shape[-1]], dim=-1)
+            o_pts = frames.invert_rotate(rotations[:, :, None, None], o_pts)  # [B, N, H, P_v, 3], local frame
+        else:  # fp32, or the dense pair path (computes in fp32)
+            k_norms = -0.5 * weight * k_pts.square().sum((-1, -2))[..., None]  # [B, N, H, 1]
+            q_terms, k_terms = point_terms(weight * q_pts.flatten(-2), k_pts.flatten(-2), k_norms, torch.float32)
+            q_aug = torch.cat([q, *q_terms, b1], dim=-1).transpose(1, 2)
+            k_aug = torch.cat([k, *k_terms, b2], dim=-1).transpose(1, 2)
+            v_aug = torch.cat([v, v_pts.flatten(-2), v_pair], dim=-1).transpose(1, 2)
+            if pair is None:
+                out = attend(*(x.to(self.attn_dtype) for x in (q_aug, k_aug, v_aug)), mask, backend)
+            else:
+                out, dense_pair = attend_with_pair(q_aug, k_aug, v_aug, mask, pair, self.linear_b, self.down_z)
+            out = out.transpose(1, 2).float()  # [B, N, H, E_v]
+            o, o_pts, o_pair = out.split([hidden, 3 * self.v_points, v_pair.shape[-1]], dim=-1)
+            o_pts = frames.invert_apply(
+                rotations[:, :, None, None], translations[:, :, None, None], o_pts.unflatten(-1, (self.v_points, 3))
+            )  # [B, N, H, P_v, 3], local frame
         rank = pair_2.shape[-2]
-        o, o_pts, o_pair = out.split([hidden, 3 * self.v_points, rank * pair_2.shape[-1]], dim=-1)
-        o_pts = frames.invert_apply(
-            rotations[:, :, None, None], translations[:, :, None, None], o_pts.unflatten(-1, (self.v_points, 3))
-        )  # [B, N, H, P_v, 3], local frame
         o_pts_norm = torch.sqrt(o_pts.square().sum(-1) + POINT_NORM_EPS)  # [B, N, H, P_v]
         o_pair = torch.einsum("bnrd,bnhrd->bnhd", pair_1.float(), o_pair.unflatten(-1, (rank, pair_1.shape[-1])))
         if pair is not None:

@@ -1,0 +1,234 @@
+"""IPA attention in bf16 / fp16 with the point terms kept near fp32 accuracy.
+
+Rounding q, k, v to 8 (bf16) or 11 (fp16) bits loses IPA's point terms in two places
+(``bench/results/precision.txt``):
+
+1. Logits. ``w q^.k^`` and ``w |k^|^2 / 2`` are of order ``w |x|^2`` while the logits are
+   their differences.
+2. Value points and outputs. They are absolute positions (of order ``|x|``), rounded, while the
+   update needs each output relative to its own residue: a few Angstrom.
+
+Three remedies, each exact in exact arithmetic:
+
+- Blocks. Queries are attended ``BLOCK`` residues at a time. Within a block, every point is taken
+  relative to the block's anchor (the mean position of its residues). The logits are unchanged:
+  ``-w/2 |q^ - k^|^2`` does not depend on the origin.
+- Compensation (:func:`point_terms`). Each point coordinate and norm term is split into a high
+  part (rounded to the attention dtype) and a low part (the remainder, rounded). The cross terms
+  become extra q/k channels:
+
+      q_aug = [..., (w q^)_hi, (w q^)_hi, (w q^)_lo, 1,    1   ]
+      k_aug = [..., k^_hi,     k^_lo,     k^_hi,     n_hi, n_lo]    (n = -w |k^|^2 / 2)
+
+  so ``q.k`` carries the point terms to ~16 (bf16) or ~22 (fp16) bits. The kernels accumulate
+  the products in fp32.
+- Value anchors. A value point ``x_j = t_j + R_j v_j`` enters the values as ``R_j v_j`` (small)
+  and as ``t_j - c_m`` for each ``SUB``-residue sub-block m of the query block (its anchor
+  ``c_m``): 3 channels per sub-block. Each query reads the channels of its own sub-block, and
+  attention weights sum to one, so its output is ``sum_j a_ij x_j - c_m``, relative to an anchor
+  at most ``SUB`` residues away.
+
+With ``BLOCK = 32`` and ``SUB = 2`` a block adds 48 value channels (16 sub-blocks). On CUDA the
+block is cut so that the value head stays within the kernels' 256-channel limit (18 queries at the
+usage config: 228 + 27 channels).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import FLASH_HEAD_DIM_LIMIT, attend, head_sizes
+
+BLOCK = 32  #: queries per attention call (fewer on CUDA, see :func:`anchored_attention`)
+SUB = 2  #: residues per value anchor
+_HIGH_BITS = {torch.bfloat16: -(1 << 16), torch.float16: -(1 << 13)}  # int32 masks: sign, exponent, 7 / 10 mantissa bits
+
+
+def masked_centroid(translations: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[..., N, 3], [..., N] bool -> [..., 1, 3] mean position of the valid residues (0 if none)."""
+    weights = mask[..., None].to(translations.dtype)
+    return (translations * weights).sum(-2, keepdim=True) / weights.sum(-2, keepdim=True).clamp(min=1)
+
+
+def point_terms(
+    q_points: torch.Tensor, k_points: torch.Tensor, k_norms: torch.Tensor, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The point channels of q_aug and k_aug in ``dtype``, compensated when it is bf16/fp16.
+
+    q_points = w q^ [..., S, H, 3 P_qk]; k_points = k^ [..., N, H, 3 P_qk]; k_norms =
+    -w |k^|^2 / 2 [..., N, H, 1]. Returns lists to concatenate: ``[q_points, 1]`` and
+    ``[k_points, k_norms]`` (unchanged) for fp32 or wider, else ``[q_hi, q_hi, q_lo, 1, 1]`` and
+    ``[k_hi, k_lo, k_hi, n_hi, n_lo]`` (high = rounded to ``dtype``, low = the rounded remainder).
+    """
+    if torch.finfo(dtype).bits >= 32:  # the inputs' own precision
+        return [q_points, torch.ones_like(q_points[..., :1])], [k_points, k_norms]
+    one = torch.ones_like(q_points[..., :1], dtype=dtype)
+    (q_hi, q_lo), (k_hi, k_lo), (n_hi, n_lo) = (_split(x, dtype) for x in (q_points, k_points, k_norms))
+    return [q_hi, q_hi, q_lo, one, one], [k_hi, k_lo, k_hi, n_hi, n_lo]
+
+
+def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``x`` -> ``(hi, lo)`` in ``dtype`` with ``hi + lo = x`` to twice the precision.
+
+    ``hi`` is ``x`` with the mantissa bits that ``dtype`` lacks cleared, so it converts exactly. A
+    bit mask rather than ``x.to(dtype).float()``: inductor may drop that round trip in a fused
+    kernel (``emulate_precision_casts`` is off by default), which would leave ``lo = 0``.
+    """
+    hi = (x.float().contiguous().view(torch.int32) & _HIGH_BITS[dtype]).view(torch.float32)
+    return hi.to(dtype), (x - hi).to(dtype)
+
+
+def _padded(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Concatenate ``parts`` on the last axis, zero-padded to ``width``: one copy."""
+    used = sum(part.shape[-1] for part in parts)
+    return torch.cat([*parts, parts[0].new_zeros(*parts[0].shape[:-1], width - used)], dim=-1)
+
+
+def anchored_attention(
+    q_scalar: torch.Tensor,
+    k_scalar: torch.Tensor,
+    q_points: torch.Tensor,
+    k_points: torch.Tensor,
+    weight: torch.Tensor,
+    v_scalar: torch.Tensor,
+    v_offsets: torch.Tensor,
+    translations: torch.Tensor,
+    mask: torch.Tensor,
+    dtype: torch.dtype,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IPA attention in ``dtype`` (bf16/fp16), in blocks of :data:`BLOCK` queries (module docstring).
+
+    q_scalar, k_scalar [B, N, H, E]: the non-point channels of q_aug and k_aug; q_points,
+    k_points [B, N, H, P_qk, 3] (Angstrom, global); weight [H, 1] the point weights w_h;
+    v_scalar [B, N, H, E_v]: the non-point values; v_offsets [B, N, H, P_v, 3]: the value
+    points minus their residue's translation; translations [B, N, 3]; mask [B, N] bool.
+    Returns fp32 ``(o_scalar [B, N, H, E_v], o_points [B, N, H, P_v, 3])``, the value-point
+    outputs minus the query residue's translation (global orientation).
+
+    Under ``torch.compile`` it is the custom op ``ipa_export::anchored_attention`` (its block
+    loop would otherwise specialise the graph to each length), with a backward that recomputes.
+    """
+    args = (q_scalar, k_scalar, q_points, k_points, weight, v_scalar, v_offsets, translations, mask, dtype, backend)
+    return _anchored_op(*args) if torch.compiler.is_compiling() else _anchored(*args)
+
+
+def _anchored(
+    q_scalar: torch.Tensor,
+    k_scalar: torch.Tensor,
+    q_points: torch.Tensor,
+    k_points: torch.Tensor,
+    weight: torch.Tensor,
+    v_scalar: torch.Tensor,
+    v_offsets: torch.Tensor,
+    translations: torch.Tensor,
+    mask: torch.Tensor,
+    dtype: torch.dtype,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager implementation of :func:`anchored_attention`."""
+    batch, length, heads = q_scalar.shape[:3]
+    limited = backend == "flash_attn" or q_scalar.is_cuda
+    q_fixed, k_fixed = q_scalar.to(dtype), k_scalar.to(dtype)
+    v_fixed = torch.cat([v_scalar, v_offsets.flatten(-2)], dim=-1).to(dtype)
+    qk_width = q_scalar.shape[-1] + 9 * q_points.shape[-2] + 2  # see point_terms
+    scalar_width, offset_width = v_scalar.shape[-1], v_offsets.shape[-2] * 3
+    block_size = BLOCK
+    if limited:  # keep the value head within one kernel call where the width allows it
+        block_size = SUB * max(1, min(BLOCK // SUB, (FLASH_HEAD_DIM_LIMIT - v_fixed.shape[-1]) // 3))
+    o_scalar, o_points = [], []
+    for start in range(0, length, block_size):
+        rows = slice(start, min(start + block_size, length))
+        block = translations[:, rows]  # [B, S, 3]
+        size = block.shape[1]
+        anchor = masked_centroid(block, mask[:, rows])[:, :, None, None]  # [B, 1, 1, 1, 3]
+        q_rel = (weight[..., None] * (q_points[:, rows] - anchor)).flatten(-2)  # w (q^ - c) [B, S, H, 3 P_qk]
+        k_rel = k_points - anchor
+        k_norms = -0.5 * weight * k_rel.square().sum((-1, -2))[..., None]  # [B, N, H, 1]
+        q_terms, k_terms = point_terms(q_rel, k_rel.flatten(-2), k_norms, dtype)
+
+        sub = min(SUB, size)
+        sub_count = -(-size // sub)
+        pad = sub_count * sub - size
+        sub_anchors = masked_centroid(
+            F.pad(block, (0, 0, 0, pad)).unflatten(1, (sub_count, sub)),
+            F.pad(mask[:, rows], (0, pad)).unflatten(1, (sub_count, sub)),
+        ).squeeze(-2)  # [B, M, 3]
+        to_anchors = (translations[:, :, None] - sub_anchors[:, None]).flatten(-2).to(dtype)  # [B, N, 3 M]
+        v_width = v_fixed.shape[-1] + 3 * sub_count
+
+        head, chunk = head_sizes(qk_width, v_width, limited)
+        q_aug = _padded([q_fixed[:, rows], *q_terms], head)
+        k_aug = _padded([k_fixed, *k_terms], head)
+        v_total = head if chunk >= v_width else -(-v_width // chunk) * chunk  # as attend pads it
+        v_aug = _padded([v_fixed, to_anchors[:, :, None].expand(-1, -1, heads, -1)], v_total)
+        out = attend(*(x.transpose(1, 2) for x in (q_aug, k_aug, v_aug)), mask, backend).transpose(1, 2).float()
+        scalar, offsets, anchored = out[..., :v_width].split([scalar_width, offset_width, 3 * sub_count], dim=-1)
+        own = torch.arange(size, device=out.device) // sub  # each query's sub-block
+        anchored = anchored.unflatten(-1, (sub_count, 3))[:, torch.arange(size, device=out.device), :, own]  # [S, B, H, 3]
+        anchored = anchored.movedim(0, 1) + (sub_anchors[:, own] - block)[:, :, None]  # [B, S, H, 3]
+        o_scalar.append(scalar)
+        o_points.append(offsets.unflatten(-1, (-1, 3)) + anchored[:, :, :, None])
+    return torch.cat(o_scalar, dim=1), torch.cat(o_points, dim=1)
+
+
+_TENSOR_ARGS = 8  # the differentiable inputs of anchored_attention, in order (then mask, dtype, backend)
+
+
+@torch.library.custom_op("ipa_export::anchored_attention", mutates_args=())
+def _anchored_op(
+    q_scalar: torch.Tensor,
+    k_scalar: torch.Tensor,
+    q_points: torch.Tensor,
+    k_points: torch.Tensor,
+    weight: torch.Tensor,
+    v_scalar: torch.Tensor,
+    v_offsets: torch.Tensor,
+    translations: torch.Tensor,
+    mask: torch.Tensor,
+    dtype: torch.dtype,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _anchored(q_scalar, k_scalar, q_points, k_points, weight, v_scalar, v_offsets, translations, mask, dtype, backend)
+
+
+@_anchored_op.register_fake
+def _(q_scalar, k_scalar, q_points, k_points, weight, v_scalar, v_offsets, translations, mask, dtype, backend):
+    return v_scalar.new_empty(v_scalar.shape, dtype=torch.float32), v_offsets.new_empty(v_offsets.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("ipa_export::anchored_attention_backward", mutates_args=())
+def _anchored_backward(
+    grad_scalar: torch.Tensor,
+    grad_points: torch.Tensor,
+    inputs: list[torch.Tensor],
+    mask: torch.Tensor,
+    dtype: torch.dtype,
+    backend: str,
+) -> list[torch.Tensor]:
+    """Gradients of the tensor inputs of :func:`_anchored`, by recomputing it under ``torch.func.vjp``
+    (a custom op's body runs below autograd and without grad mode, where a plain ``backward``
+    records nothing), with the ``dense`` backend (the fused kernels' backward is not a transform)."""
+    _, vjp = torch.func.vjp(lambda *tensors: _anchored(*tensors, mask, dtype, "dense"), *inputs)
+    # contiguous copies: some are views of the incoming gradients (an op's outputs may not alias)
+    return [grad.clone(memory_format=torch.contiguous_format) for grad in vjp((grad_scalar, grad_points))]
+
+
+@_anchored_backward.register_fake
+def _(grad_scalar, grad_points, inputs, mask, dtype, backend):
+    return [x.new_empty(x.shape) for x in inputs]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[: _TENSOR_ARGS + 1])
+    ctx.dtype, ctx.backend = inputs[_TENSOR_ARGS + 1 :]
+
+
+def _backward(ctx, grad_scalar, grad_points):
+    *tensors, mask = ctx.saved_tensors
+    grads = _anchored_backward(grad_scalar.contiguous(), grad_points.contiguous(), tensors, mask, ctx.dtype, ctx.backend)
+    return (*grads, None, None, None)
+
+
+_anchored_op.register_autograd(_backward, setup_context=_setup_context)
