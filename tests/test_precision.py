@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_encoder, random_chain, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ipa_export import EncoderConfig, IPAEncoder
@@ -116,7 +117,11 @@ def test_anchored_attention_is_exact_in_exact_arithmetic():
     q_points = translations[:, :, None, None] + randn(batch, length, heads, points, 3)
     k_points = translations[:, :, None, None] + randn(batch, length, heads, points, 3)
     v_offsets = randn(batch, length, heads, v_points, 3)
-    q_scalar, k_scalar, v_scalar = randn(batch, length, heads, 6), randn(batch, length, heads, 6), randn(batch, length, heads, 7)
+    q_scalar, k_scalar, v_scalar = (
+        randn(batch, length, heads, 6),
+        randn(batch, length, heads, 6),
+        randn(batch, length, heads, 7),
+    )
     weight = torch.rand(heads, 1, generator=g, dtype=torch.float64) + 0.05
     mask = torch.ones(batch, length, dtype=torch.bool)
     mask[1, length - SUB - 3 :] = False
@@ -136,3 +141,30 @@ def test_anchored_attention_is_exact_in_exact_arithmetic():
     # The outputs are fp32: equal to the reference up to that rounding.
     torch.testing.assert_close(o_scalar[rows].double(), expected_scalar[rows], atol=2e-6, rtol=0)
     torch.testing.assert_close(o_points[rows].double(), expected_points[rows], atol=2e-6, rtol=0)
+
+
+def test_bf16_gradients_stay_close_to_fp32():
+    """Training through bf16 attention: the gradients of a loss on s with respect to the node
+    embeddings and the coordinates are within 5% (relative norm) of fp32's, by backward and by
+    torch.func.grad. Measured 1.0-2.3%; 0.2.0 (one anchor per protein) 2.4-8.4%."""
+    config = tiny_config()
+    g = torch.Generator().manual_seed(0)
+    coords = random_chain(40, g)[None]
+    node_embed = torch.randn(1, 40, config.c_s, generator=g)
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    models = [make_encoder(config.replace(attn_dtype=dtype), seed=1) for dtype in ("fp32", "bf16")]
+
+    def loss(model, x, c):
+        return model(x, c, mask).s.square().sum()
+
+    by_backward = []
+    for model in models:
+        x, c = node_embed.clone().requires_grad_(), coords.clone().requires_grad_()
+        loss(model, x, c).backward()
+        by_backward.append((x.grad, c.grad))
+    by_func = [
+        torch.func.grad(lambda x, c, m=model: loss(m, x, c), argnums=(0, 1))(node_embed, coords) for model in models
+    ]
+    for reference, bf16 in (by_backward, by_func):
+        for a, b in zip(reference, bf16, strict=True):
+            assert (a - b).norm() / a.norm() < 0.05

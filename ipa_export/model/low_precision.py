@@ -42,7 +42,8 @@ from .attention import FLASH_HEAD_DIM_LIMIT, attend, head_sizes
 
 BLOCK = 32  #: queries per attention call (fewer on CUDA, see :func:`anchored_attention`)
 SUB = 2  #: residues per value anchor
-_HIGH_BITS = {torch.bfloat16: -(1 << 16), torch.float16: -(1 << 13)}  # int32 masks: sign, exponent, 7 / 10 mantissa bits
+# int32 masks keeping the sign, the exponent and the 7 (bf16) / 10 (fp16) leading mantissa bits
+_HIGH_BITS = {torch.bfloat16: -(1 << 16), torch.float16: -(1 << 13)}
 
 
 def masked_centroid(translations: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -166,8 +167,8 @@ def _anchored(
         out = attend(*(x.transpose(1, 2) for x in (q_aug, k_aug, v_aug)), mask, backend).transpose(1, 2).float()
         scalar, offsets, anchored = out[..., :v_width].split([scalar_width, offset_width, 3 * sub_count], dim=-1)
         own = torch.arange(size, device=out.device) // sub  # each query's sub-block
-        anchored = anchored.unflatten(-1, (sub_count, 3))[:, torch.arange(size, device=out.device), :, own]  # [S, B, H, 3]
-        anchored = anchored.movedim(0, 1) + (sub_anchors[:, own] - block)[:, :, None]  # [B, S, H, 3]
+        anchored = anchored.unflatten(-1, (sub_count, 3)).take_along_dim(own[None, :, None, None, None], dim=-2)  # [B, S, H, 1, 3]
+        anchored = anchored.squeeze(-2) + (sub_anchors[:, own] - block)[:, :, None]  # [B, S, H, 3]
         o_scalar.append(scalar)
         o_points.append(offsets.unflatten(-1, (-1, 3)) + anchored[:, :, :, None])
     return torch.cat(o_scalar, dim=1), torch.cat(o_points, dim=1)
@@ -190,12 +191,16 @@ def _anchored_op(
     dtype: torch.dtype,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _anchored(q_scalar, k_scalar, q_points, k_points, weight, v_scalar, v_offsets, translations, mask, dtype, backend)
+    return _anchored(
+        q_scalar, k_scalar, q_points, k_points, weight, v_scalar, v_offsets, translations, mask, dtype, backend
+    )
 
 
 @_anchored_op.register_fake
 def _(q_scalar, k_scalar, q_points, k_points, weight, v_scalar, v_offsets, translations, mask, dtype, backend):
-    return v_scalar.new_empty(v_scalar.shape, dtype=torch.float32), v_offsets.new_empty(v_offsets.shape, dtype=torch.float32)
+    return v_scalar.new_empty(v_scalar.shape, dtype=torch.float32), v_offsets.new_empty(
+        v_offsets.shape, dtype=torch.float32
+    )
 
 
 @torch.library.custom_op("ipa_export::anchored_attention_backward", mutates_args=())
@@ -227,7 +232,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_scalar, grad_points):
     *tensors, mask = ctx.saved_tensors
-    grads = _anchored_backward(grad_scalar.contiguous(), grad_points.contiguous(), tensors, mask, ctx.dtype, ctx.backend)
+    grads = _anchored_backward(
+        grad_scalar.contiguous(), grad_points.contiguous(), tensors, mask, ctx.dtype, ctx.backend
+    )
     return (*grads, None, None, None)
 
 
