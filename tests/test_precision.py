@@ -105,7 +105,7 @@ def test_anchored_attention_is_exact_in_exact_arithmetic():
     """Blocks, anchors and sub-block value anchors change nothing in fp64: the result equals IPA's
     attention written out directly (explicit -w/2 |q^ - k^|^2 logits, absolute value points),
     on lengths that are not multiples of the block or sub-block and with padding."""
-    from ipa_export.model.low_precision import SUB, _anchored
+    from ipa_export.model.low_precision import SUB, anchored_attention
 
     g = torch.Generator().manual_seed(0)
     batch, length, heads, points, v_points = 2, 2 * BLOCK + 5, 3, 4, 5
@@ -127,7 +127,7 @@ def test_anchored_attention_is_exact_in_exact_arithmetic():
     mask[1, length - SUB - 3 :] = False
     mask[1, 3] = False  # a hole inside a sub-block
 
-    o_scalar, o_points = _anchored(
+    o_scalar, o_points = anchored_attention(
         q_scalar, k_scalar, q_points, k_points, weight, v_scalar, v_offsets, translations, mask, torch.float64, "sdpa"
     )
 

@@ -86,6 +86,14 @@ def _padded(parts: list[torch.Tensor], width: int) -> torch.Tensor:
     return torch.cat([*parts, parts[0].new_zeros(*parts[0].shape[:-1], width - used)], dim=-1)
 
 
+def _written(target: torch.Tensor, start: int, parts: list[torch.Tensor]) -> torch.Tensor:
+    """``target`` with ``parts`` copied (cast, broadcast) into its last axis from ``start`` on."""
+    for part in parts:
+        target[..., start : start + part.shape[-1]] = part
+        start += part.shape[-1]
+    return target
+
+
 def anchored_attention(
     q_scalar: torch.Tensor,
     k_scalar: torch.Tensor,
@@ -111,33 +119,26 @@ def anchored_attention(
     Under ``torch.compile`` it is the custom op ``ipa_export::anchored_attention`` (its block
     loop would otherwise specialise the graph to each length), with a backward that recomputes.
     """
-    args = (q_scalar, k_scalar, q_points, k_points, weight, v_scalar, v_offsets, translations, mask, dtype, backend)
-    return _anchored_op(*args) if torch.compiler.is_compiling() else _anchored(*args)
-
-
-def _anchored(
-    q_scalar: torch.Tensor,
-    k_scalar: torch.Tensor,
-    q_points: torch.Tensor,
-    k_points: torch.Tensor,
-    weight: torch.Tensor,
-    v_scalar: torch.Tensor,
-    v_offsets: torch.Tensor,
-    translations: torch.Tensor,
-    mask: torch.Tensor,
-    dtype: torch.dtype,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The eager implementation of :func:`anchored_attention`."""
-    batch, length, heads = q_scalar.shape[:3]
+    if torch.compiler.is_compiling():
+        return _anchored_op(
+            q_scalar, k_scalar, q_points, k_points, weight, v_scalar, v_offsets, translations, mask, dtype, backend
+        )
+    length = q_scalar.shape[1]
     limited = backend == "flash_attn" or q_scalar.is_cuda
     q_fixed, k_fixed = q_scalar.to(dtype), k_scalar.to(dtype)
     v_fixed = torch.cat([v_scalar, v_offsets.flatten(-2)], dim=-1).to(dtype)
-    qk_width = q_scalar.shape[-1] + 9 * q_points.shape[-2] + 2  # see point_terms
-    scalar_width, offset_width = v_scalar.shape[-1], v_offsets.shape[-2] * 3
     block_size = BLOCK
     if limited:  # keep the value head within one kernel call where the width allows it
         block_size = SUB * max(1, min(BLOCK // SUB, (FLASH_HEAD_DIM_LIMIT - v_fixed.shape[-1]) // 3))
+    block_size = min(block_size, length)
+    qk_width = q_scalar.shape[-1] + 9 * q_points.shape[-2] + 2  # see point_terms
+    v_width = v_fixed.shape[-1] + 3 * -(-block_size // min(SUB, block_size))  # 3 channels per sub-block
+    head, chunk = head_sizes(qk_width, v_width, limited)
+    # k_aug and v_aug with the channels that do not depend on the block; each block writes the rest
+    # (into the same tensors when no gradient is recorded: one write of the point channels a block)
+    k_template = _padded([k_fixed], head)
+    v_template = _padded([v_fixed], head if chunk >= v_width else -(-v_width // chunk) * chunk)  # as attend pads
+    reuse = not torch.is_grad_enabled()
     o_scalar, o_points = [], []
     for start in range(0, length, block_size):
         rows = slice(start, min(start + block_size, length))
@@ -156,18 +157,16 @@ def _anchored(
             F.pad(block, (0, 0, 0, pad)).unflatten(1, (sub_count, sub)),
             F.pad(mask[:, rows], (0, pad)).unflatten(1, (sub_count, sub)),
         ).squeeze(-2)  # [B, M, 3]
-        to_anchors = (translations[:, :, None] - sub_anchors[:, None]).flatten(-2).to(dtype)  # [B, N, 3 M]
-        v_width = v_fixed.shape[-1] + 3 * sub_count
+        to_anchors = (translations[:, :, None] - sub_anchors[:, None]).flatten(-2)  # [B, N, 3 M]
 
-        head, chunk = head_sizes(qk_width, v_width, limited)
         q_aug = _padded([q_fixed[:, rows], *q_terms], head)
-        k_aug = _padded([k_fixed, *k_terms], head)
-        v_total = head if chunk >= v_width else -(-v_width // chunk) * chunk  # as attend pads it
-        v_aug = _padded([v_fixed, to_anchors[:, :, None].expand(-1, -1, heads, -1)], v_total)
+        k_aug = _written(k_template if reuse else k_template.clone(), k_fixed.shape[-1], k_terms)
+        v_aug = _written(v_template if reuse else v_template.clone(), v_fixed.shape[-1], [to_anchors[:, :, None]])
         out = attend(*(x.transpose(1, 2) for x in (q_aug, k_aug, v_aug)), mask, backend).transpose(1, 2).float()
-        scalar, offsets, anchored = out[..., :v_width].split([scalar_width, offset_width, 3 * sub_count], dim=-1)
+        used = out[..., : v_fixed.shape[-1] + 3 * sub_count]
+        scalar, offsets, anchored = used.split([v_scalar.shape[-1], v_offsets.shape[-2] * 3, 3 * sub_count], dim=-1)
         own = torch.arange(size, device=out.device) // sub  # each query's sub-block
-        anchored = anchored.unflatten(-1, (sub_count, 3)).take_along_dim(own[None, :, None, None, None], dim=-2)  # [B, S, H, 1, 3]
+        anchored = anchored.unflatten(-1, (sub_count, 3)).take_along_dim(own[None, :, None, None, None], dim=-2)
         anchored = anchored.squeeze(-2) + (sub_anchors[:, own] - block)[:, :, None]  # [B, S, H, 3]
         o_scalar.append(scalar)
         o_points.append(offsets.unflatten(-1, (-1, 3)) + anchored[:, :, :, None])
@@ -177,30 +176,13 @@ def _anchored(
 _TENSOR_ARGS = 8  # the differentiable inputs of anchored_attention, in order (then mask, dtype, backend)
 
 
-@torch.library.custom_op("ipa_export::anchored_attention", mutates_args=())
-def _anchored_op(
-    q_scalar: torch.Tensor,
-    k_scalar: torch.Tensor,
-    q_points: torch.Tensor,
-    k_points: torch.Tensor,
-    weight: torch.Tensor,
-    v_scalar: torch.Tensor,
-    v_offsets: torch.Tensor,
-    translations: torch.Tensor,
-    mask: torch.Tensor,
-    dtype: torch.dtype,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _anchored(
-        q_scalar, k_scalar, q_points, k_points, weight, v_scalar, v_offsets, translations, mask, dtype, backend
-    )
+_anchored_op = torch.library.custom_op("ipa_export::anchored_attention", mutates_args=())(anchored_attention)
 
 
 @_anchored_op.register_fake
 def _(q_scalar, k_scalar, q_points, k_points, weight, v_scalar, v_offsets, translations, mask, dtype, backend):
-    return v_scalar.new_empty(v_scalar.shape, dtype=torch.float32), v_offsets.new_empty(
-        v_offsets.shape, dtype=torch.float32
-    )
+    scalar, points = v_scalar.new_empty(v_scalar.shape), v_offsets.new_empty(v_offsets.shape)
+    return scalar.float(), points.float()
 
 
 @torch.library.custom_op("ipa_export::anchored_attention_backward", mutates_args=())
@@ -212,10 +194,10 @@ def _anchored_backward(
     dtype: torch.dtype,
     backend: str,
 ) -> list[torch.Tensor]:
-    """Gradients of the tensor inputs of :func:`_anchored`, by recomputing it under ``torch.func.vjp``
-    (a custom op's body runs below autograd and without grad mode, where a plain ``backward``
-    records nothing), with the ``dense`` backend (the fused kernels' backward is not a transform)."""
-    _, vjp = torch.func.vjp(lambda *tensors: _anchored(*tensors, mask, dtype, "dense"), *inputs)
+    """Gradients of the tensor inputs of :func:`anchored_attention`, by recomputing it under
+    ``torch.func.vjp`` (a custom op's body runs below autograd and without grad mode, where a plain
+    ``backward`` records nothing), with the ``dense`` backend (whose ops all have derivatives)."""
+    _, vjp = torch.func.vjp(lambda *tensors: anchored_attention(*tensors, mask, dtype, "dense"), *inputs)
     # contiguous copies: some are views of the incoming gradients (an op's outputs may not alias)
     return [grad.clone(memory_format=torch.contiguous_format) for grad in vjp((grad_scalar, grad_points))]
 
