@@ -98,14 +98,19 @@ def test_autocast_does_not_override_the_attention_dtype(encoders):
         fp32_calls, seen[:] = seen[:], []
         encoders["bf16"](*inputs)
     assert fp32_calls == [torch.float32] * 3  # one call per block
-    assert set(seen) == {torch.bfloat16} and len(seen) == 3 * -(-n // BLOCK)  # one per block of queries
+    assert seen == [torch.bfloat16] * 3 * -(-n // BLOCK)  # one call per block of queries on the CPU
 
 
-def test_anchored_attention_is_exact_in_exact_arithmetic():
+@pytest.mark.parametrize("group_keys", [0, 300, 1 << 15])
+def test_anchored_attention_is_exact_in_exact_arithmetic(monkeypatch, group_keys):
     """Blocks, anchors and sub-block value anchors change nothing in fp64: the result equals IPA's
     attention written out directly (explicit -w/2 |q^ - k^|^2 logits, absolute value points),
-    on lengths that are not multiples of the block or sub-block and with padding."""
+    on lengths that are not multiples of the block or sub-block and with padding; one block a
+    kernel call (the CPU default), two (300 keys: groups of 2 and 1) and all (as on CUDA)."""
+    from ipa_export.model import low_precision
     from ipa_export.model.low_precision import SUB, anchored_attention
+
+    monkeypatch.setitem(low_precision.GROUP_KEYS, "cpu", group_keys)
 
     g = torch.Generator().manual_seed(0)
     batch, length, heads, points, v_points = 2, 2 * BLOCK + 5, 3, 4, 5

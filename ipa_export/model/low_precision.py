@@ -42,6 +42,9 @@ from .attention import FLASH_HEAD_DIM_LIMIT, attend, head_sizes
 
 BLOCK = 32  #: queries per attention call (fewer on CUDA, see :func:`anchored_attention`)
 SUB = 2  #: residues per value anchor
+#: per device type, blocks are attended in one kernel call while blocks x batch x N stays below
+#: this; elsewhere one block a call (on the CPU fewer copies beat fewer calls, on CUDA the reverse)
+GROUP_KEYS = {"cuda": 1 << 15}
 # int32 masks keeping the sign, the exponent and the 7 (bf16) / 10 (fp16) leading mantissa bits
 _HIGH_BITS = {torch.bfloat16: -(1 << 16), torch.float16: -(1 << 13)}
 
@@ -123,54 +126,71 @@ def anchored_attention(
         return _anchored_op(
             q_scalar, k_scalar, q_points, k_points, weight, v_scalar, v_offsets, translations, mask, dtype, backend
         )
-    length = q_scalar.shape[1]
+    batch, length, heads = q_scalar.shape[:3]
     limited = backend == "flash_attn" or q_scalar.is_cuda
-    q_fixed, k_fixed = q_scalar.to(dtype), k_scalar.to(dtype)
     v_fixed = torch.cat([v_scalar, v_offsets.flatten(-2)], dim=-1).to(dtype)
     block_size = BLOCK
     if limited:  # keep the value head within one kernel call where the width allows it
         block_size = SUB * max(1, min(BLOCK // SUB, (FLASH_HEAD_DIM_LIMIT - v_fixed.shape[-1]) // 3))
-    block_size = min(block_size, length)
+    sub = min(SUB, length)
+    size = min(block_size, -(-length // sub) * sub)  # queries per block, a multiple of sub
+    blocks, sub_count = -(-length // size), size // sub
+    padded = blocks * size - length  # queries past the end, in the last block
+
+    # Anchors: the mean position of each block's and sub-block's valid residues.
+    queries = F.pad(translations, (0, 0, 0, padded)).unflatten(1, (blocks, size))  # [B, nb, S, 3]
+    valid = F.pad(mask, (0, padded)).unflatten(1, (blocks, size))  # [B, nb, S]
+    anchors = masked_centroid(queries, valid)  # [B, nb, 1, 3]
+    sub_anchors = masked_centroid(queries.unflatten(2, (sub_count, sub)), valid.unflatten(2, (sub_count, sub)))
+    sub_anchors = sub_anchors.squeeze(-2)  # [B, nb, M, 3]
+    own = torch.arange(size, device=q_scalar.device) // sub  # each query's sub-block
+    to_own = sub_anchors[:, :, own] - queries  # [B, nb, S, 3]: own sub-block's anchor minus the query
+    q_points = F.pad(q_points, (0, 0, 0, 0, 0, 0, 0, padded)).unflatten(1, (blocks, size))  # [B, nb, S, H, P, 3]
+    q_fixed = F.pad(q_scalar, (0, 0, 0, 0, 0, padded)).unflatten(1, (blocks, size)).to(dtype)  # [B, nb, S, H, E]
+
     qk_width = q_scalar.shape[-1] + 9 * q_points.shape[-2] + 2  # see point_terms
-    v_width = v_fixed.shape[-1] + 3 * -(-block_size // min(SUB, block_size))  # 3 channels per sub-block
+    v_width = v_fixed.shape[-1] + 3 * sub_count
     head, chunk = head_sizes(qk_width, v_width, limited)
-    # k_aug and v_aug with the channels that do not depend on the block; each block writes the rest
-    # (into the same tensors when no gradient is recorded: one write of the point channels a block)
-    k_template = _padded([k_fixed], head)
-    v_template = _padded([v_fixed], head if chunk >= v_width else -(-v_width // chunk) * chunk)  # as attend pads
+    v_total = head if chunk >= v_width else -(-v_width // chunk) * chunk  # as attend pads it
+    group = max(1, min(blocks, GROUP_KEYS.get(q_scalar.device.type, 0) // (batch * length)))  # blocks a call
+    # k_aug and v_aug for a group of blocks, holding the channels that are the same for every
+    # block; each group writes the rest (into the same tensors when no gradient is recorded).
+    k_template = _padded([k_scalar.to(dtype)], head)[:, None].expand(-1, group, -1, -1, -1)
+    v_template = _padded([v_fixed], v_total)[:, None].expand(-1, group, -1, -1, -1)  # [B, G, N, H, .]
     reuse = not torch.is_grad_enabled()
+    if reuse:
+        k_template, v_template = k_template.clone(), v_template.clone()
+
     o_scalar, o_points = [], []
-    for start in range(0, length, block_size):
-        rows = slice(start, min(start + block_size, length))
-        block = translations[:, rows]  # [B, S, 3]
-        size = block.shape[1]
-        anchor = masked_centroid(block, mask[:, rows])[:, :, None, None]  # [B, 1, 1, 1, 3]
-        q_rel = (weight[..., None] * (q_points[:, rows] - anchor)).flatten(-2)  # w (q^ - c) [B, S, H, 3 P_qk]
-        k_rel = k_points - anchor
-        k_norms = -0.5 * weight * k_rel.square().sum((-1, -2))[..., None]  # [B, N, H, 1]
+    for start in range(0, blocks, group):
+        chunk_blocks = slice(start, min(start + group, blocks))
+        count = chunk_blocks.stop - start
+        anchor = anchors[:, chunk_blocks, :, None, None]  # [B, G, 1, 1, 1, 3]
+        q_rel = (weight[..., None] * (q_points[:, chunk_blocks] - anchor)).flatten(-2)  # w (q^ - c) [B, G, S, H, 3P]
+        k_rel = k_points[:, None] - anchor  # [B, G, N, H, P, 3]
+        k_norms = -0.5 * weight * k_rel.square().sum((-1, -2))[..., None]  # [B, G, N, H, 1]
         q_terms, k_terms = point_terms(q_rel, k_rel.flatten(-2), k_norms, dtype)
+        to_anchors = translations[:, None, :, None] - sub_anchors[:, chunk_blocks, None]  # [B, G, N, M, 3]
 
-        sub = min(SUB, size)
-        sub_count = -(-size // sub)
-        pad = sub_count * sub - size
-        sub_anchors = masked_centroid(
-            F.pad(block, (0, 0, 0, pad)).unflatten(1, (sub_count, sub)),
-            F.pad(mask[:, rows], (0, pad)).unflatten(1, (sub_count, sub)),
-        ).squeeze(-2)  # [B, M, 3]
-        to_anchors = (translations[:, :, None] - sub_anchors[:, None]).flatten(-2)  # [B, N, 3 M]
-
-        q_aug = _padded([q_fixed[:, rows], *q_terms], head)
-        k_aug = _written(k_template if reuse else k_template.clone(), k_fixed.shape[-1], k_terms)
-        v_aug = _written(v_template if reuse else v_template.clone(), v_fixed.shape[-1], [to_anchors[:, :, None]])
-        out = attend(*(x.transpose(1, 2) for x in (q_aug, k_aug, v_aug)), mask, backend).transpose(1, 2).float()
-        used = out[..., : v_fixed.shape[-1] + 3 * sub_count]
-        scalar, offsets, anchored = used.split([v_scalar.shape[-1], v_offsets.shape[-2] * 3, 3 * sub_count], dim=-1)
-        own = torch.arange(size, device=out.device) // sub  # each query's sub-block
-        anchored = anchored.unflatten(-1, (sub_count, 3)).take_along_dim(own[None, :, None, None, None], dim=-2)
-        anchored = anchored.squeeze(-2) + (sub_anchors[:, own] - block)[:, :, None]  # [B, S, H, 3]
-        o_scalar.append(scalar)
-        o_points.append(offsets.unflatten(-1, (-1, 3)) + anchored[:, :, :, None])
-    return torch.cat(o_scalar, dim=1), torch.cat(o_points, dim=1)
+        q_aug = _padded([q_fixed[:, chunk_blocks], *q_terms], head)
+        k_aug, v_aug = (x[:, :count] if reuse else x[:, :count].clone() for x in (k_template, v_template))
+        k_aug = _written(k_aug, k_scalar.shape[-1], k_terms)
+        v_aug = _written(v_aug, v_fixed.shape[-1], [to_anchors.flatten(-2)[:, :, :, None]])
+        key_mask = mask[:, None].expand(-1, count, -1).flatten(0, 1)
+        out = attend(*(x.flatten(0, 1).transpose(1, 2) for x in (q_aug, k_aug, v_aug)), key_mask, backend)
+        out = out.transpose(1, 2).unflatten(0, (batch, count)).float()  # [B, G, S, H, E_v]
+        scalar, offsets, anchored = out[..., :v_width].split(
+            [v_scalar.shape[-1], v_offsets.shape[-2] * 3, 3 * sub_count], -1
+        )
+        anchored = (
+            anchored.unflatten(-1, (sub_count, 3))
+            .take_along_dim(own[None, None, :, None, None, None], dim=-2)
+            .squeeze(-2)
+        )
+        anchored = anchored + to_own[:, chunk_blocks, :, None]  # [B, G, S, H, 3]
+        o_scalar.append(scalar.flatten(1, 2))
+        o_points.append((offsets.unflatten(-1, (-1, 3)) + anchored[..., None, :]).flatten(1, 2))
+    return torch.cat(o_scalar, dim=1)[:, :length], torch.cat(o_points, dim=1)[:, :length]
 
 
 _TENSOR_ARGS = 8  # the differentiable inputs of anchored_attention, in order (then mask, dtype, backend)
