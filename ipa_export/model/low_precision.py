@@ -30,7 +30,9 @@ Three remedies, each exact in exact arithmetic:
 
 With ``BLOCK = 32`` and ``SUB = 2`` a block adds 48 value channels (16 sub-blocks). On CUDA the
 block is cut so that the value head stays within the kernels' 256-channel limit (18 queries at the
-usage config: 228 + 27 channels).
+usage config: 228 + 27 channels). Each block needs its own keys and values: on the CPU one block
+is attended per kernel call, reusing one k/v buffer; on CUDA blocks go in groups, as extra batch
+entries (:data:`GROUP_KEYS`), so that the number of kernel launches does not grow with N.
 """
 
 from __future__ import annotations
@@ -163,16 +165,16 @@ def anchored_attention(
 
     o_scalar, o_points = [], []
     for start in range(0, blocks, group):
-        chunk_blocks = slice(start, min(start + group, blocks))
-        count = chunk_blocks.stop - start
-        anchor = anchors[:, chunk_blocks, :, None, None]  # [B, G, 1, 1, 1, 3]
-        q_rel = (weight[..., None] * (q_points[:, chunk_blocks] - anchor)).flatten(-2)  # w (q^ - c) [B, G, S, H, 3P]
+        part = slice(start, min(start + group, blocks))  # a group of blocks
+        count = part.stop - start
+        anchor = anchors[:, part, :, None, None]  # [B, G, 1, 1, 1, 3]
+        q_rel = (weight[..., None] * (q_points[:, part] - anchor)).flatten(-2)  # w (q^ - c) [B, G, S, H, 3P]
         k_rel = k_points[:, None] - anchor  # [B, G, N, H, P, 3]
         k_norms = -0.5 * weight * k_rel.square().sum((-1, -2))[..., None]  # [B, G, N, H, 1]
         q_terms, k_terms = point_terms(q_rel, k_rel.flatten(-2), k_norms, dtype)
-        to_anchors = translations[:, None, :, None] - sub_anchors[:, chunk_blocks, None]  # [B, G, N, M, 3]
+        to_anchors = translations[:, None, :, None] - sub_anchors[:, part, None]  # [B, G, N, M, 3]
 
-        q_aug = _padded([q_fixed[:, chunk_blocks], *q_terms], head)
+        q_aug = _padded([q_fixed[:, part], *q_terms], head)
         k_aug, v_aug = (x[:, :count] if reuse else x[:, :count].clone() for x in (k_template, v_template))
         k_aug = _written(k_aug, k_scalar.shape[-1], k_terms)
         v_aug = _written(v_aug, v_fixed.shape[-1], [to_anchors.flatten(-2)[:, :, :, None]])
@@ -187,7 +189,7 @@ def anchored_attention(
             .take_along_dim(own[None, None, :, None, None, None], dim=-2)
             .squeeze(-2)
         )
-        anchored = anchored + to_own[:, chunk_blocks, :, None]  # [B, G, S, H, 3]
+        anchored = anchored + to_own[:, part, :, None]  # [B, G, S, H, 3]
         o_scalar.append(scalar.flatten(1, 2))
         o_points.append((offsets.unflatten(-1, (-1, 3)) + anchored[..., None, :]).flatten(1, 2))
     return torch.cat(o_scalar, dim=1)[:, :length], torch.cat(o_points, dim=1)[:, :length]
