@@ -101,16 +101,21 @@ def test_autocast_does_not_override_the_attention_dtype(encoders):
     assert seen == [torch.bfloat16] * 3 * -(-n // BLOCK)  # one call per block of queries on the CPU
 
 
-@pytest.mark.parametrize("group_keys", [0, 300, 1 << 15])
-def test_anchored_attention_is_exact_in_exact_arithmetic(monkeypatch, group_keys):
+@pytest.mark.parametrize(
+    "group_keys, value_width, cuda_layout", [(0, 7, False), (300, 7, False), (1 << 15, 7, False), (0, 230, True)]
+)
+def test_anchored_attention_is_exact_in_exact_arithmetic(monkeypatch, group_keys, value_width, cuda_layout):
     """Blocks, anchors and sub-block value anchors change nothing in fp64: the result equals IPA's
     attention written out directly (explicit -w/2 |q^ - k^|^2 logits, absolute value points),
     on lengths that are not multiples of the block or sub-block and with padding; one block a
-    kernel call (the CPU default), two (300 keys: groups of 2 and 1) and all (as on CUDA)."""
+    kernel call (the CPU default), two (300 keys: groups of 2 and 1) and all (as on CUDA); and
+    CUDA's layout (head sizes a multiple of 8, at most 256: here blocks of 6 queries)."""
     from ipa_export.model import low_precision
     from ipa_export.model.low_precision import SUB, anchored_attention
 
     monkeypatch.setitem(low_precision.GROUP_KEYS, "cpu", group_keys)
+    if cuda_layout:
+        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
 
     g = torch.Generator().manual_seed(0)
     batch, length, heads, points, v_points = 2, 2 * BLOCK + 5, 3, 4, 5
@@ -125,7 +130,7 @@ def test_anchored_attention_is_exact_in_exact_arithmetic(monkeypatch, group_keys
     q_scalar, k_scalar, v_scalar = (
         randn(batch, length, heads, 6),
         randn(batch, length, heads, 6),
-        randn(batch, length, heads, 7),
+        randn(batch, length, heads, value_width),
     )
     weight = torch.rand(heads, 1, generator=g, dtype=torch.float64) + 0.05
     mask = torch.ones(batch, length, dtype=torch.bool)
@@ -173,3 +178,20 @@ def test_bf16_gradients_stay_close_to_fp32():
     for reference, bf16 in (by_backward, by_func):
         for a, b in zip(reference, bf16, strict=True):
             assert (a - b).norm() / a.norm() < 0.05
+
+
+@pytest.mark.parametrize("dtype, bits", [(torch.bfloat16, 16), (torch.float16, 21)])
+def test_compensation_split_keeps_twice_the_bits(dtype, bits):
+    """hi + lo carries x to ~2x the dtype's precision (fp16: down to the spacing of its subnormals);
+    hi is x with the mantissa bits the dtype lacks cleared, so a compiler cannot fold the rounding
+    away."""
+    from ipa_export.model.low_precision import _split
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10_000, generator=g) * torch.logspace(-1, 4, 10_000)  # Angstrom and norm terms
+    hi, lo = _split(x, dtype)
+    assert hi.dtype == lo.dtype == dtype
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # spacing of lo's subnormals
+    assert ((hi.float() + lo.float() - x).abs() <= x.abs() * 2.0**-bits + tiny).all()
+
+    assert ((x - hi.float()).abs() <= x.abs() * 2.0 ** -(bits // 2 - 1)).all()  # hi: truncated x
