@@ -195,3 +195,31 @@ def test_compensation_split_keeps_twice_the_bits(dtype, bits):
     assert ((hi.float() + lo.float() - x).abs() <= x.abs() * 2.0**-bits + tiny).all()
 
     assert ((x - hi.float()).abs() <= x.abs() * 2.0 ** -(bits // 2 - 1)).all()  # hi: truncated x
+
+
+def test_anchored_attention_custom_op_passes_opcheck():
+    """The custom op that torch.compile sees: schema, fake (meta) kernel strides, autograd
+    registration and AOT dispatch, on a length that leaves the last block part-empty."""
+    from ipa_export.model.low_precision import _anchored_op
+
+    g = torch.Generator().manual_seed(0)
+    batch, length, heads = 2, BLOCK + 3, 2
+    translations = torch.cumsum(torch.randn(batch, length, 3, generator=g) * 2.2, dim=1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    args = (
+        rand(batch, length, heads, 4),
+        rand(batch, length, heads, 4),
+        (translations[:, :, None, None] + torch.randn(batch, length, heads, 2, 3, generator=g)).requires_grad_(),
+        (translations[:, :, None, None] + torch.randn(batch, length, heads, 2, 3, generator=g)).requires_grad_(),
+        torch.rand(heads, 1, generator=g).requires_grad_(),
+        rand(batch, length, heads, 5),
+        rand(batch, length, heads, 3, 3),
+        translations.requires_grad_(),
+        torch.arange(length) < torch.tensor([[length], [length - 4]]),
+        torch.bfloat16,
+        "sdpa",
+    )
+    torch.library.opcheck(_anchored_op, args)

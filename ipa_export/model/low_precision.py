@@ -192,7 +192,7 @@ def anchored_attention(
         anchored = anchored + to_own[:, part, :, None]  # [B, G, S, H, 3]
         o_scalar.append(scalar.flatten(1, 2))
         o_points.append((offsets.unflatten(-1, (-1, 3)) + anchored[..., None, :]).flatten(1, 2))
-    return torch.cat(o_scalar, dim=1)[:, :length], torch.cat(o_points, dim=1)[:, :length]
+    return tuple(torch.cat(parts, dim=1)[:, :length].contiguous() for parts in (o_scalar, o_points))
 
 
 _TENSOR_ARGS = 8  # the differentiable inputs of anchored_attention, in order (then mask, dtype, backend)
