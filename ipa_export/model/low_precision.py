@@ -157,8 +157,9 @@ def anchored_attention(
     group = max(1, min(blocks, GROUP_KEYS.get(q_scalar.device.type, 0) // (batch * length)))  # blocks a call
     # k_aug and v_aug for a group of blocks, holding the channels that are the same for every
     # block; each group writes the rest (into the same tensors when no gradient is recorded).
-    k_template = _padded([k_scalar.to(dtype)], head)[:, None].expand(-1, group, -1, -1, -1)
-    v_template = _padded([v_fixed], v_total)[:, None].expand(-1, group, -1, -1, -1)  # [B, G, N, H, .]
+    # Heads first: the kernel reads keys and values ~1.4x faster so, with few queries a call.
+    k_template = _padded([k_scalar.to(dtype)], head).transpose(1, 2)[:, None].expand(-1, group, -1, -1, -1)
+    v_template = _padded([v_fixed], v_total).transpose(1, 2)[:, None].expand(-1, group, -1, -1, -1)  # [B, G, H, N, .]
     reuse = not torch.is_grad_enabled()
     if reuse:
         k_template, v_template = k_template.clone(), v_template.clone()
@@ -176,10 +177,11 @@ def anchored_attention(
 
         q_aug = _padded([q_fixed[:, part], *q_terms], head)
         k_aug, v_aug = (x[:, :count] if reuse else x[:, :count].clone() for x in (k_template, v_template))
-        k_aug = _written(k_aug, k_scalar.shape[-1], k_terms)
-        v_aug = _written(v_aug, v_fixed.shape[-1], [to_anchors.flatten(-2)[:, :, :, None]])
+        k_aug = _written(k_aug, k_scalar.shape[-1], [term.transpose(2, 3) for term in k_terms])
+        v_aug = _written(v_aug, v_fixed.shape[-1], [to_anchors.flatten(-2)[:, :, None]])
         key_mask = mask[:, None].expand(-1, count, -1).flatten(0, 1)
-        out = attend(*(x.flatten(0, 1).transpose(1, 2) for x in (q_aug, k_aug, v_aug)), key_mask, backend)
+        q_aug = q_aug.flatten(0, 1).transpose(1, 2)
+        out = attend(q_aug, k_aug.flatten(0, 1), v_aug.flatten(0, 1), key_mask, backend)
         out = out.transpose(1, 2).unflatten(0, (batch, count)).float()  # [B, G, S, H, E_v]
         scalar, offsets, anchored = out[..., :v_width].split(
             [v_scalar.shape[-1], v_offsets.shape[-2] * 3, 3 * sub_count], -1
