@@ -109,7 +109,7 @@ def test_anchored_attention_is_exact_in_exact_arithmetic(monkeypatch, group_keys
     attention written out directly (explicit -w/2 |q^ - k^|^2 logits, absolute value points),
     on lengths that are not multiples of the block or sub-block and with padding; one block a
     kernel call (the CPU default), two (300 keys: groups of 2 and 1) and all (as on CUDA); and
-    CUDA's layout (head sizes a multiple of 8, at most 256: here blocks of 6 queries)."""
+    CUDA's layout (head sizes a multiple of 8, at most 256: here the values go in two chunks)."""
     from ipa_export.model import low_precision
     from ipa_export.model.low_precision import SUB, anchored_attention
 

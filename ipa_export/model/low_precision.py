@@ -28,11 +28,11 @@ Three remedies, each exact in exact arithmetic:
   attention weights sum to one, so its output is ``sum_j a_ij x_j - c_m``, relative to an anchor
   at most ``SUB`` residues away.
 
-With ``BLOCK = 32`` and ``SUB = 2`` a block adds 48 value channels (16 sub-blocks). On CUDA the
-block is cut so that the value head stays within the kernels' 256-channel limit (18 queries at the
-usage config: 228 + 27 channels). Each block needs its own keys and values: on the CPU one block
-is attended per kernel call, reusing one k/v buffer; on CUDA blocks go in groups, as extra batch
-entries (:data:`GROUP_KEYS`), so that the number of kernel launches does not grow with N.
+With ``BLOCK = 64`` and ``SUB = 2`` a block adds 96 value channels (32 sub-blocks); on CUDA a
+value head past the kernels' 256 channels is attended in two chunks (:func:`.attention.attend`).
+Each block needs its own keys and values: on the CPU one block is attended per kernel call,
+reusing one k/v buffer; on CUDA blocks go in groups, as extra batch entries (:data:`GROUP_KEYS`),
+so that the number of kernel launches does not grow with N.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import FLASH_HEAD_DIM_LIMIT, attend, head_sizes
+from .attention import attend, head_sizes
 
-BLOCK = 32  #: queries per attention call (fewer on CUDA, see :func:`anchored_attention`)
+BLOCK = 64  #: queries per block (one anchor, its own keys and values)
 SUB = 2  #: residues per value anchor
 #: per device type, blocks are attended in one kernel call while blocks x batch x N stays below
 #: this; elsewhere one block a call (on the CPU fewer copies beat fewer calls, on CUDA the reverse)
@@ -131,11 +131,8 @@ def anchored_attention(
     batch, length, heads = q_scalar.shape[:3]
     limited = backend == "flash_attn" or q_scalar.is_cuda
     v_fixed = torch.cat([v_scalar, v_offsets.flatten(-2)], dim=-1).to(dtype)
-    block_size = BLOCK
-    if limited:  # keep the value head within one kernel call where the width allows it
-        block_size = SUB * max(1, min(BLOCK // SUB, (FLASH_HEAD_DIM_LIMIT - v_fixed.shape[-1]) // 3))
     sub = min(SUB, length)
-    size = min(block_size, -(-length // sub) * sub)  # queries per block, a multiple of sub
+    size = min(BLOCK, -(-length // sub) * sub)  # queries per block, a multiple of sub
     blocks, sub_count = -(-length // size), size // sub
     padded = blocks * size - length  # queries past the end, in the last block
 
