@@ -97,7 +97,7 @@ def test_autocast_does_not_override_the_attention_dtype(encoders):
         encoders["fp32"](*inputs)
         fp32_calls, seen[:] = seen[:], []
         encoders["bf16"](*inputs)
-    assert fp32_calls == [torch.float32] * 3  # one call per block
+    assert fp32_calls == [torch.float32] * 3  # one call per IPA layer
     assert seen == [torch.bfloat16] * 3 * -(-n // BLOCK)  # one call per block of queries on the CPU
 
 
