@@ -137,9 +137,10 @@ class _TwiceDifferentiableSdpa(torch.autograd.Function):
         wanted = [i for i in range(3) if ctx.needs_input_grad[i]]
         if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
             inputs = [(q, k, v)[i] for i in wanted]
-            logits = (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
-            out = torch.softmax(logits, dim=-1) @ v
-            grads = torch.autograd.grad(out, inputs, grad, create_graph=True, allow_unused=True)
+            # in fp32, as the fused kernels accumulate (bf16 logits would lose the point terms)
+            logits = (q.float() @ k.float().transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+            out = torch.softmax(logits, dim=-1) @ v.float()
+            grads = torch.autograd.grad(out, inputs, grad.float(), create_graph=True, allow_unused=True)
         else:
             with torch.enable_grad():
                 inputs = [(q, k, v)[i].detach().requires_grad_() for i in wanted]

@@ -37,10 +37,13 @@ so that the number of kernel launches does not grow with N.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from .attention import attend, head_sizes
+from .attention import attend, head_sizes, transforms_active
 
 BLOCK = 64  #: queries per block (one anchor, its own keys and values)
 SUB = 2  #: residues per value anchor
@@ -81,7 +84,9 @@ def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     bit mask rather than ``x.to(dtype).float()``: inductor may drop that round trip in a fused
     kernel (``emulate_precision_casts`` is off by default), which would leave ``lo = 0``.
     """
-    hi = (x.float().contiguous().view(torch.int32) & _HIGH_BITS[dtype]).view(torch.float32)
+    exact = x.detach().float().contiguous()
+    high = (exact.view(torch.int32) & _HIGH_BITS[dtype]).view(torch.float32)
+    hi = x + (high - exact)  # == high exactly; derivative 1, so hi.k_hi + ... has q.k's derivatives
     return hi.to(dtype), (x - hi).to(dtype)
 
 
@@ -161,10 +166,9 @@ def anchored_attention(
     if reuse:
         k_template, v_template = k_template.clone(), v_template.clone()
 
-    o_scalar, o_points = [], []
-    for start in range(0, blocks, group):
-        part = slice(start, min(start + group, blocks))  # a group of blocks
-        count = part.stop - start
+    def attend_blocks(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks start..stop-1 (G of them) -> [B, G S, H, E_v] and [B, G S, H, P_v, 3]."""
+        part, count = slice(start, stop), stop - start
         anchor = anchors[:, part, :, None, None]  # [B, G, 1, 1, 1, 3]
         q_rel = (weight[..., None] * (q_points[:, part] - anchor)).flatten(-2)  # w (q^ - c) [B, G, S, H, 3P]
         k_rel = k_points[:, None] - anchor  # [B, G, N, H, P, 3]
@@ -172,26 +176,27 @@ def anchored_attention(
         q_terms, k_terms = point_terms(q_rel, k_rel.flatten(-2), k_norms, dtype)
         to_anchors = translations[:, None, :, None] - sub_anchors[:, part, None]  # [B, G, N, M, 3]
 
-        q_aug = _padded([q_fixed[:, part], *q_terms], head)
+        q_aug = _padded([q_fixed[:, part], *q_terms], head).flatten(0, 1).transpose(1, 2)
         k_aug, v_aug = (x[:, :count] if reuse else x[:, :count].clone() for x in (k_template, v_template))
         k_aug = _written(k_aug, k_scalar.shape[-1], [term.transpose(2, 3) for term in k_terms])
         v_aug = _written(v_aug, v_fixed.shape[-1], [to_anchors.flatten(-2)[:, :, None]])
         key_mask = mask[:, None].expand(-1, count, -1).flatten(0, 1)
-        q_aug = q_aug.flatten(0, 1).transpose(1, 2)
         out = attend(q_aug, k_aug.flatten(0, 1), v_aug.flatten(0, 1), key_mask, backend)
         out = out.transpose(1, 2).unflatten(0, (batch, count)).float()  # [B, G, S, H, E_v]
         scalar, offsets, anchored = out[..., :v_width].split(
             [v_scalar.shape[-1], v_offsets.shape[-2] * 3, 3 * sub_count], -1
         )
-        anchored = (
-            anchored.unflatten(-1, (sub_count, 3))
-            .take_along_dim(own[None, None, :, None, None, None], dim=-2)
-            .squeeze(-2)
-        )
-        anchored = anchored + to_own[:, part, :, None]  # [B, G, S, H, 3]
-        o_scalar.append(scalar.flatten(1, 2))
-        o_points.append((offsets.unflatten(-1, (-1, 3)) + anchored[..., None, :]).flatten(1, 2))
-    return tuple(torch.cat(parts, dim=1)[:, :length].contiguous() for parts in (o_scalar, o_points))
+        anchored = anchored.unflatten(-1, (sub_count, 3)).take_along_dim(own[None, None, :, None, None, None], dim=-2)
+        anchored = anchored.squeeze(-2) + to_own[:, part, :, None]  # [B, G, S, H, 3]
+        return scalar.flatten(1, 2), (offsets.unflatten(-1, (-1, 3)) + anchored[..., None, :]).flatten(1, 2)
+
+    run = attend_blocks
+    if torch.is_grad_enabled() and not transforms_active():
+        # Recompute each group in the backward: its own keys and values would otherwise all be
+        # kept for it, O(N^2 / BLOCK) memory.
+        run = functools.partial(checkpoint, attend_blocks, use_reentrant=False)
+    outputs = [run(start, min(start + group, blocks)) for start in range(0, blocks, group)]
+    return tuple(torch.cat(parts, dim=1)[:, :length].contiguous() for parts in zip(*outputs, strict=True))
 
 
 _TENSOR_ARGS = 8  # the differentiable inputs of anchored_attention, in order (then mask, dtype, backend)
