@@ -111,6 +111,13 @@ def head_sizes(qk_width: int, v_width: int, limited: bool) -> tuple[int, int]:
     return head, chunk
 
 
+def concat_padded(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Concatenate ``parts`` on the last axis, zero-padded to ``width`` (e.g. a :func:`head_sizes`
+    size, so that :func:`attend` need not copy it again)."""
+    used = sum(part.shape[-1] for part in parts)
+    return torch.cat([*parts, parts[0].new_zeros(*parts[0].shape[:-1], width - used)], dim=-1)
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import EncoderConfig
 from . import frames
-from .attention import ATTN_DTYPES, attend
+from .attention import ATTN_DTYPES, attend, concat_padded, head_sizes
 from .low_precision import anchored_attention, masked_centroid, point_terms
 from .pair_attention import attend_with_pair
 
@@ -118,12 +118,15 @@ class InvariantPointAttention(nn.Module):
         else:  # fp32, or the dense pair path (computes in fp32)
             k_norms = -0.5 * weight * k_pts.square().sum((-1, -2))[..., None]  # [B, N, H, 1]
             q_terms, k_terms = point_terms(weight * q_pts.flatten(-2), k_pts.flatten(-2), k_norms, torch.float32)
-            q_aug = torch.cat([q, *q_terms, b1], dim=-1).transpose(1, 2)
-            k_aug = torch.cat([k, *k_terms, b2], dim=-1).transpose(1, 2)
+            q_parts, k_parts = [q, *q_terms, b1], [k, *k_terms, b2]
             v_aug = torch.cat([v, v_pts.flatten(-2), v_pair], dim=-1).transpose(1, 2)
-            if pair is None:
+            if pair is None:  # q/k written at the kernel's head size: attend copies nothing to pad them
+                qk_width = sum(part.shape[-1] for part in q_parts)
+                head, _ = head_sizes(qk_width, v_aug.shape[-1], backend == "flash_attn" or s.is_cuda)
+                q_aug, k_aug = (concat_padded(parts, head).transpose(1, 2) for parts in (q_parts, k_parts))
                 out = attend(*(x.to(self.attn_dtype) for x in (q_aug, k_aug, v_aug)), mask, backend)
             else:
+                q_aug, k_aug = (torch.cat(parts, dim=-1).transpose(1, 2) for parts in (q_parts, k_parts))
                 out, dense_pair = attend_with_pair(q_aug, k_aug, v_aug, mask, pair, self.linear_b, self.down_z)
             out = out.transpose(1, 2).float()  # [B, N, H, E_v]
             o, o_pts, o_pair = out.split([hidden, 3 * self.v_points, v_pair.shape[-1]], dim=-1)
@@ -132,7 +135,7 @@ class InvariantPointAttention(nn.Module):
             )  # [B, N, H, P_v, 3], local frame
         rank = pair_2.shape[-2]
         o_pts_norm = torch.sqrt(o_pts.square().sum(-1) + POINT_NORM_EPS)  # [B, N, H, P_v]
-        o_pair = torch.einsum("bnrd,bnhrd->bnhd", pair_1.float(), o_pair.unflatten(-1, (rank, pair_1.shape[-1])))
+        o_pair = (pair_1.float()[:, :, None] * o_pair.unflatten(-1, (rank, pair_1.shape[-1]))).sum(-2)  # [B, N, H, d]
         if pair is not None:
             o_pair = o_pair + dense_pair
         features = [o.flatten(2), *o_pts.flatten(2, 3).unbind(-1), o_pts_norm.flatten(2), o_pair.flatten(2)]

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attend, head_sizes, transforms_active
+from .attention import attend, concat_padded, head_sizes, transforms_active
 
 BLOCK = 64  #: queries per block (one anchor, its own keys and values)
 SUB = 2  #: residues per value anchor
@@ -88,12 +88,6 @@ def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     high = (exact.view(torch.int32) & _HIGH_BITS[dtype]).view(torch.float32)
     hi = x + (high - exact)  # == high exactly; derivative 1, so hi.k_hi + ... has q.k's derivatives
     return hi.to(dtype), (x - hi).to(dtype)
-
-
-def _padded(parts: list[torch.Tensor], width: int) -> torch.Tensor:
-    """Concatenate ``parts`` on the last axis, zero-padded to ``width``: one copy."""
-    used = sum(part.shape[-1] for part in parts)
-    return torch.cat([*parts, parts[0].new_zeros(*parts[0].shape[:-1], width - used)], dim=-1)
 
 
 def _written(target: torch.Tensor, start: int, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -160,8 +154,10 @@ def anchored_attention(
     # k_aug and v_aug for a group of blocks, holding the channels that are the same for every
     # block; each group writes the rest (into the same tensors when no gradient is recorded).
     # Heads first: the kernel reads keys and values ~1.4x faster so, with few queries a call.
-    k_template = _padded([k_scalar.to(dtype)], head).transpose(1, 2)[:, None].expand(-1, group, -1, -1, -1)
-    v_template = _padded([v_fixed], v_total).transpose(1, 2)[:, None].expand(-1, group, -1, -1, -1)  # [B, G, H, N, .]
+    k_template = concat_padded([k_scalar.to(dtype)], head).transpose(1, 2)[:, None].expand(-1, group, -1, -1, -1)
+    v_template = (
+        concat_padded([v_fixed], v_total).transpose(1, 2)[:, None].expand(-1, group, -1, -1, -1)
+    )  # [B, G, H, N, .]
     reuse = not torch.is_grad_enabled()
     if reuse:
         k_template, v_template = k_template.clone(), v_template.clone()
@@ -176,7 +172,7 @@ def anchored_attention(
         q_terms, k_terms = point_terms(q_rel, k_rel.flatten(-2), k_norms, dtype)
         to_anchors = translations[:, None, :, None] - sub_anchors[:, part, None]  # [B, G, N, M, 3]
 
-        q_aug = _padded([q_fixed[:, part], *q_terms], head).flatten(0, 1).transpose(1, 2)
+        q_aug = concat_padded([q_fixed[:, part], *q_terms], head).flatten(0, 1).transpose(1, 2)
         k_aug, v_aug = (x[:, :count] if reuse else x[:, :count].clone() for x in (k_template, v_template))
         k_aug = _written(k_aug, k_scalar.shape[-1], [term.transpose(2, 3) for term in k_terms])
         v_aug = _written(v_aug, v_fixed.shape[-1], [to_anchors.flatten(-2)[:, :, None]])
