@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                 best = min(best, time.perf_counter() - start)
         achieved = flops / best / 1e9
         line = (
-            f"{n:6d} {batch:3d} {flops / 1e9:8.1f} {attention / flops:6.0%} {best:8.3f} {achieved:8.1f} {reference:12.1f} "
-            f"{achieved / reference:6.0%}  {cpu_pressure() or ''}"
+            f"{n:6d} {batch:3d} {flops / 1e9:8.1f} {attention / flops:6.0%} {best:8.3f} {achieved:8.1f} "
+            f"{reference:12.1f} {achieved / reference:6.0%}  {cpu_pressure() or ''}"
         )
         lines.append(line)
         print(line, flush=True)

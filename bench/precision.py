@@ -3,11 +3,11 @@
 The IPA folds -w/2 |q^ - k^|^2 into one dot product, q^.k^ - |k^|^2/2 (ipa_export/model/ipa.py). Its
 terms grow with |x|^2 while their difference does not, so it loses digits when the points are far
 from the origin; the encoder therefore takes points relative to each protein's centroid
-(``ipa_export.model.ipa.masked_centroid``). In bf16 / fp16 attention the point terms, value points
-and outputs lose more (ipa_export/model/low_precision.py). This script measures the encoder output
-``s`` for chains centred at increasing offsets from the origin against an fp64 reference run of the
-same weights: in fp32 with the centring (as shipped) and without it (``masked_centroid``
-monkeypatched to return zeros), and with bf16 / fp16 attention (``attn_dtype``) in three variants:
+(``ipa_export.model.frames.masked_mean`` in ipa.py). In bf16 / fp16 attention the point terms,
+value points and outputs lose more (ipa_export/model/low_precision.py). This script measures the
+encoder output ``s`` for chains centred at increasing offsets from the origin against an fp64
+reference run of the same weights: in fp32 with the centring (as shipped) and without it
+(``masked_mean`` monkeypatched to return zeros), and with bf16 / fp16 attention (``attn_dtype``) in three variants:
 
 - ``anchored`` (as shipped): blocks of ``low_precision.BLOCK`` queries, compensated point terms and
   value anchors every ``low_precision.SUB`` residues;
@@ -53,13 +53,13 @@ from ipa_export import EncoderConfig, IPAEncoder  # noqa: E402
 
 @contextlib.contextmanager
 def no_centring():
-    """Points in absolute coordinates: ``masked_centroid`` returns zeros."""
-    original = ipa_module.masked_centroid
-    ipa_module.masked_centroid = lambda translations, mask: torch.zeros_like(translations[:, :1])
+    """Points in absolute coordinates: the centroid ipa.py subtracts (``frames.masked_mean``) is zero."""
+    original = ipa_module.frames.masked_mean
+    ipa_module.frames.masked_mean = lambda translations, mask: torch.zeros_like(translations[:, 0])
     try:
         yield
     finally:
-        ipa_module.masked_centroid = original
+        ipa_module.frames.masked_mean = original
 
 
 @contextlib.contextmanager
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Columns: 'fp32' / 'bf16' / 'fp16' = attn_dtype (q, k, v of the attention in that dtype, the rest",
         "fp32); 'centred' = as shipped (points relative to the protein's centroid); 'uncentred' =",
-        "ipa_export.model.ipa.masked_centroid monkeypatched to zeros; 'anchored' = as shipped (blocks of",
+        "ipa_export.model.frames.masked_mean monkeypatched to zeros; 'anchored' = as shipped (blocks of",
         f"{low_precision.BLOCK} queries, compensated point terms, value anchors every {low_precision.SUB} residues);",
         "'compensated' = one block, one anchor, compensated point terms (0.2.0); 'plain' = one block, one",
         "anchor, point terms rounded once. 'fp64 uncentred' = the reference without centring minus the",

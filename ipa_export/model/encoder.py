@@ -17,16 +17,10 @@ from ..export.pretrained import ExportMixin
 from .attention import resolve_backend
 from .compiling import compile_pretrained
 from .edge_embedder import EdgeEmbedder, residue_positions
-from .frames import Frames, identity_rotations
+from .frames import Frames, identity_rotations, masked_mean
 from .pair_features import FactorizedPairEmbedder
 from .stack import FlashIPAStack
 from .validation import check_devices, check_indices, check_structure_inputs, warn_unusual_ca_spacing
-
-
-def masked_mean(s: torch.Tensor, node_mask: torch.Tensor) -> torch.Tensor:
-    """[B, N, C], [B, N] bool -> [B, C]: the mean over each protein's valid residues."""
-    weights = node_mask[..., None].to(s.dtype)
-    return (s * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 class EncoderOutput(NamedTuple):

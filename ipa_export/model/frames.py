@@ -19,6 +19,13 @@ class Frames(NamedTuple):
     translations: torch.Tensor
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[..., N, C], [..., N] bool -> [..., C]: the mean over the valid residues (0 if none), e.g. a
+    protein's centroid or its pooled embedding."""
+    weights = mask[..., None].to(x.dtype)
+    return (x * weights).sum(-2) / weights.sum(-2).clamp(min=1)
+
+
 def apply(rotations: torch.Tensor, translations: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Local to global: ``R x + t``. rotations [..., 3, 3], translations/points [..., 3]."""
     return torch.einsum("...ij,...j->...i", rotations, points) + translations

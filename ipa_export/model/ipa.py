@@ -32,7 +32,7 @@ from torch import nn
 from ..config import EncoderConfig
 from . import frames
 from .attention import ATTN_DTYPES, attend, concat_padded, head_sizes
-from .low_precision import anchored_attention, masked_centroid, point_terms
+from .low_precision import anchored_attention, point_terms
 from .pair_attention import attend_with_pair
 
 POINT_NORM_EPS = 1e-8
@@ -87,7 +87,7 @@ class InvariantPointAttention(nn.Module):
         batch, length, _ = s.shape
         heads, hidden = self.heads, self.c_hidden
         rotations, translations = rotations.float(), translations.float()
-        translations = translations - masked_centroid(translations, mask)
+        translations = translations - frames.masked_mean(translations, mask)[:, None]  # centred
 
         q = self.linear_q(s).unflatten(-1, (heads, hidden))  # [B, N, H, C]
         k, v = self.linear_kv(s).unflatten(-1, (heads, 2 * hidden)).split(hidden, dim=-1)

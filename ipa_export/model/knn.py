@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from .frames import masked_mean
+
 DEFAULT_CHUNK_SIZE = 256
 TIE_ATOL = 1e-4  #: Angstrom
 TIE_RTOL = 1e-6  #: times the protein's radius (Angstrom)
@@ -49,8 +51,7 @@ def knn_indices(coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: in
         return indices
     valid = mask[..., None]
     x = torch.where(valid, coords.float(), 0.0)  # whatever padded positions hold (even NaN)
-    centroid = x.sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp(min=1)
-    x = torch.where(valid, x - centroid, 0.0)  # [B, N, 3]
+    x = torch.where(valid, x - masked_mean(x, mask)[:, None], 0.0)  # [B, N, 3], centred
     squares = x.square().sum(-1)  # [B, N]
     radius2 = squares.amax(-1)[:, None, None]  # [B, 1, 1]
     tol = TIE_ATOL + TIE_RTOL * radius2.sqrt()

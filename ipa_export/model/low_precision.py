@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attend, concat_padded, head_sizes, transforms_active
+from .frames import masked_mean
 
 BLOCK = 64  #: queries per block (one anchor, its own keys and values)
 SUB = 2  #: residues per value anchor
@@ -52,12 +53,6 @@ SUB = 2  #: residues per value anchor
 GROUP_KEYS = {"cuda": 1 << 15}
 # int32 masks keeping the sign, the exponent and the 7 (bf16) / 10 (fp16) leading mantissa bits
 _HIGH_BITS = {torch.bfloat16: -(1 << 16), torch.float16: -(1 << 13)}
-
-
-def masked_centroid(translations: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[..., N, 3], [..., N] bool -> [..., 1, 3] mean position of the valid residues (0 if none)."""
-    weights = mask[..., None].to(translations.dtype)
-    return (translations * weights).sum(-2, keepdim=True) / weights.sum(-2, keepdim=True).clamp(min=1)
 
 
 def point_terms(
@@ -127,7 +122,7 @@ def anchored_attention(
         return _anchored_op(
             q_scalar, k_scalar, q_points, k_points, weight, v_scalar, v_offsets, translations, mask, dtype, backend
         )
-    batch, length, heads = q_scalar.shape[:3]
+    batch, length = q_scalar.shape[:2]
     limited = backend == "flash_attn" or q_scalar.is_cuda
     v_fixed = torch.cat([v_scalar, v_offsets.flatten(-2)], dim=-1).to(dtype)
     sub = min(SUB, length)
@@ -138,9 +133,10 @@ def anchored_attention(
     # Anchors: the mean position of each block's and sub-block's valid residues.
     queries = F.pad(translations, (0, 0, 0, padded)).unflatten(1, (blocks, size))  # [B, nb, S, 3]
     valid = F.pad(mask, (0, padded)).unflatten(1, (blocks, size))  # [B, nb, S]
-    anchors = masked_centroid(queries, valid)  # [B, nb, 1, 3]
-    sub_anchors = masked_centroid(queries.unflatten(2, (sub_count, sub)), valid.unflatten(2, (sub_count, sub)))
-    sub_anchors = sub_anchors.squeeze(-2)  # [B, nb, M, 3]
+    anchors = masked_mean(queries, valid)[:, :, None]  # [B, nb, 1, 3]
+    sub_anchors = masked_mean(
+        queries.unflatten(2, (sub_count, sub)), valid.unflatten(2, (sub_count, sub))
+    )  # [B, nb, M, 3]
     own = torch.arange(size, device=q_scalar.device) // sub  # each query's sub-block
     to_own = sub_anchors[:, :, own] - queries  # [B, nb, S, 3]: own sub-block's anchor minus the query
     q_points = F.pad(q_points, (0, 0, 0, 0, 0, 0, 0, padded)).unflatten(1, (blocks, size))  # [B, nb, S, H, P, 3]
@@ -158,8 +154,8 @@ def anchored_attention(
     v_template = (
         concat_padded([v_fixed], v_total).transpose(1, 2)[:, None].expand(-1, group, -1, -1, -1)
     )  # [B, G, H, N, .]
-    reuse = not torch.is_grad_enabled()
-    if reuse:
+    recording = torch.is_grad_enabled()
+    if not recording:
         k_template, v_template = k_template.clone(), v_template.clone()
 
     def attend_blocks(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +169,7 @@ def anchored_attention(
         to_anchors = translations[:, None, :, None] - sub_anchors[:, part, None]  # [B, G, N, M, 3]
 
         q_aug = concat_padded([q_fixed[:, part], *q_terms], head).flatten(0, 1).transpose(1, 2)
-        k_aug, v_aug = (x[:, :count] if reuse else x[:, :count].clone() for x in (k_template, v_template))
+        k_aug, v_aug = (x[:, :count].clone() if recording else x[:, :count] for x in (k_template, v_template))
         k_aug = _written(k_aug, k_scalar.shape[-1], [term.transpose(2, 3) for term in k_terms])
         v_aug = _written(v_aug, v_fixed.shape[-1], [to_anchors.flatten(-2)[:, :, None]])
         key_mask = mask[:, None].expand(-1, count, -1).flatten(0, 1)
@@ -187,7 +183,7 @@ def anchored_attention(
         return scalar.flatten(1, 2), (offsets.unflatten(-1, (-1, 3)) + anchored[..., None, :]).flatten(1, 2)
 
     run = attend_blocks
-    if torch.is_grad_enabled() and not transforms_active():
+    if recording and not transforms_active():
         # Recompute each group in the backward: its own keys and values would otherwise all be
         # kept for it, O(N^2 / BLOCK) memory.
         run = functools.partial(checkpoint, attend_blocks, use_reentrant=False)
