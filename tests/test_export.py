@@ -75,6 +75,25 @@ def test_load_options(saved):
     assert loaded.config.attention == "dense" and next(loaded.parameters()).dtype == torch.float64
 
 
+def test_attention_dtype_is_a_load_option(saved):
+    """bf16 attention for a stored fp32 export, without rebuilding the model; a misspelt dtype
+    is the config's one-line error naming the field."""
+    fp32 = IPAEncoder.from_pretrained(saved)
+    bf16 = IPAEncoder.from_pretrained(saved, attn_dtype="bf16")
+    assert fp32.config.attn_dtype == "fp32" and bf16.config.attn_dtype == "bf16"
+    assert bf16.config.replace(attn_dtype="fp32") == fp32.config
+    g = torch.Generator().manual_seed(0)
+    node_embed, coords = torch.randn(1, 40, 32, generator=g), random_chain(40, g)[None]
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    with torch.no_grad():
+        error = (bf16(node_embed, coords, mask).s - fp32(node_embed, coords, mask).s).abs().max().item()
+    assert 0 < error < 0.05
+    with pytest.raises(
+        ConfigCompatibilityError, match=r"attn_dtype: must be one of \['fp32', 'bf16', 'fp16'\], got 'bfloat16'"
+    ):
+        IPAEncoder.from_pretrained(saved, attn_dtype="bfloat16")
+
+
 def test_conversion_reproduces_golden_outputs(tmp_path):
     provenance = convert(CHECKPOINT, tmp_path / "converted")
     encoder = IPAEncoder.from_pretrained(tmp_path / "converted")

@@ -110,6 +110,7 @@ class IPAEncoder(ExportMixin, nn.Module):
         path_or_repo_id: str | os.PathLike,
         *,
         attention: str | None = None,
+        attn_dtype: str | None = None,
         compile: bool = False,
         compile_cache: bool | str | os.PathLike = True,
         trust_compile_cache: bool = False,
@@ -120,7 +121,8 @@ class IPAEncoder(ExportMixin, nn.Module):
         Takes the options of :meth:`ExportMixin.from_pretrained
         <ipa_export.export.pretrained.ExportMixin.from_pretrained>` (``revision``, ``cache_dir``,
         ``local_files_only``, ``token``, ``device``, ``dtype``, ``expected``), and:
-        ``attention`` overrides the stored backend; ``compile=True`` returns
+        ``attention`` and ``attn_dtype`` override the stored attention backend and dtype
+        (``attn_dtype="bf16"``: see the README's "Low-precision attention"); ``compile=True`` returns
         :func:`ipa_export.model.compiling.compile_encoder` (fullgraph, dynamic, one graph for all
         batch sizes), after loading the compile cache ``compile_cache`` names (``True``: the
         one this machine saved for this export in the user's cache directory,
@@ -128,8 +130,8 @@ class IPAEncoder(ExportMixin, nn.Module):
         a path: that file, only with ``trust_compile_cache=True``, since loading a compile cache
         runs the code it holds). Nothing inside an export is ever loaded as a compile cache.
         """
-        overrides = {"attention": attention} if attention is not None else None
-        encoder = super().from_pretrained(path_or_repo_id, config_overrides=overrides, **kwargs)
+        overrides = {name: value for name, value in (("attention", attention), ("attn_dtype", attn_dtype)) if value}
+        encoder = super().from_pretrained(path_or_repo_id, config_overrides=overrides or None, **kwargs)
         if not compile:
             return encoder
         return compile_pretrained(  # type: ignore[return-value]
