@@ -110,10 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("export", help="export directory or Hub repo id")
     p.add_argument(
-        "inputs", nargs="*", type=Path, help="structure files (.pdb/.ent/.cif/.mmcif, optionally .gz) or directories"
+        "inputs", nargs="*", help="structure files (.pdb/.ent/.cif/.mmcif, optionally .gz) or directories (paths or URLs)"
     )
-    p.add_argument("--out", type=Path, required=True, help="output directory (created; resumed when it exists)")
-    p.add_argument("--manifest", type=Path, help="file listing one structure path per line, optionally TAB chain id")
+    p.add_argument("--out", required=True, help="output directory (created; resumed when it exists)")
+    p.add_argument("--manifest", help="file listing one structure path per line, optionally TAB chain id")
     p.add_argument("--chain", help="embed only this chain of every file (default: every protein chain)")
     p.add_argument(
         "--outputs",
@@ -126,7 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="rows per Parquet shard (about)")
     p.add_argument(
         "--node-embed",
-        type=Path,
         help="node embeddings keyed by record id: a directory of <id>.safetensors/.pt, or one .safetensors or "
         ".parquet (columns id, node_embed) file (default: the export's residue-type table)",
     )
@@ -136,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="run the encoder under torch.compile")
     p.add_argument("--overwrite", action="store_true", help="replace embeddings of another export/config in --out")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed chain or file (exit 1)")
-    p.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or Ray Data")
+    p.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or a Ray cluster")
     p.add_argument("--ray-address", help="Ray cluster address for --engine ray (default: a local instance)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, log lines or summary")
     p.set_defaults(run=run_embed)

@@ -35,6 +35,10 @@ class HubError(IPAExportError, ConnectionError):
     """The Hugging Face Hub could not be reached, or refused the request."""
 
 
+class ClusterError(IPAExportError, RuntimeError):
+    """A task failed on the Ray cluster after Ray's own retries (complete shards are kept)."""
+
+
 class CheckFailedError(IPAExportError, RuntimeError):
     """A self-check failed (e.g. conversion parity): the result is not to be trusted."""
 

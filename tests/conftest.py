@@ -15,6 +15,11 @@ from safetensors.torch import load_file
 
 from ipa_export import EncoderConfig
 
+# Ray (imported by some tests) binds every process it starts to 127.0.0.1 only with this setting,
+# read when Ray is imported: set here, before any test module imports it, and inherited by the
+# subprocesses tests start.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 # CI explores a fixed set of examples (reproducible runs); local runs explore new ones.
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
@@ -123,3 +128,13 @@ def make_encoder(config: EncoderConfig | None = None, seed: int = 0):
     from ipa_export import IPAEncoder
 
     return randomize_(IPAEncoder(config or tiny_config()), torch.Generator().manual_seed(seed)).eval()
+
+
+@pytest.fixture
+def ray_loopback():
+    """Ray, checked to listen on the loopback interface only (see the setting above)."""
+    ray = pytest.importorskip("ray")
+    from ray._private import ray_constants
+
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and not ray_constants.ENABLE_RAY_CLUSTER
+    return ray

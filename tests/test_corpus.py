@@ -314,8 +314,8 @@ def test_length_buckets_respect_the_budget_and_keep_every_chain():
 
 @pytest.mark.ray
 @pytest.mark.slow  # ~30 s: starts a local Ray cluster
-def test_ray_engine_matches_the_local_engine(corpus, tmp_path):
-    ray = pytest.importorskip("ray")
+def test_ray_engine_matches_the_local_engine(corpus, tmp_path, ray_loopback):
+    ray = ray_loopback
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     a = embed_corpus(SHIPPED, [corpus["tree"]], local, manifest=corpus["manifest"])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -331,7 +331,7 @@ def test_ray_engine_matches_the_local_engine(corpus, tmp_path):
     for rid, record in got.items():
         assert record["residue_ids"] == want[rid]["residue_ids"] and record["source"] == want[rid]["source"]
         for key in ("s", "rotations", "translations", "s_mean"):
-            torch.testing.assert_close(record[key], want[rid][key], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(record[key], want[rid][key], atol=3e-5, rtol=3e-5)  # rounding: other batches, threads
     assert pq.read_schema(next(on_ray.glob("part-*.parquet"))) == pq.read_schema(next(local.glob("part-*.parquet")))
     local_errors = sorted(map(json.loads, (local / "_errors.jsonl").read_text().splitlines()), key=str)
     assert sorted(map(json.loads, (on_ray / "_errors.jsonl").read_text().splitlines()), key=str) == local_errors

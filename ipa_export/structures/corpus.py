@@ -29,6 +29,7 @@ from ..export.files import atomic_file, remove_files
 from .batching import LengthBucketer
 from .inputs import Source, collect_sources
 from .node_embed import NodeEmbedSource, open_node_embed
+from .storage import Location
 from .pipeline import (
     FILE_DONE,
     Batching,
@@ -45,6 +46,7 @@ from .shards import (
     ERRORS_FILE,
     MANIFEST_FILE,
     RUN_FILE,
+    SHARD_PATTERN,
     TENSOR_COLUMNS,
     arrow_schema,
     records_table,
@@ -108,7 +110,7 @@ def embed_corpus(
     started = time.perf_counter()
     outputs = _check_options(outputs, max_tokens, batch_size, max_length, shard_size, engine)
     sources = collect_sources(inputs, manifest, chain)
-    out = Path(out)
+    out = _local_out(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: {out} exists and is not a directory; expected a new or embeddings directory")
     node_source = open_node_embed(node_embed) if node_embed is not None else None
@@ -129,16 +131,30 @@ def embed_corpus(
     batching = Batching(max_tokens, batch_size, max_length)
     with RunOutput(out, schema, shard_size, first_index, summary, fail_fast) as output:
         if engine == "ray":
-            from .ray_engine import run_ray
+            from .ray_engine import PARTITION_FILES, RayJob, for_workers, run_ray, worker_sources
 
             del encoder
-            run_ray(export, load, sources, done, output, node_embed, batching, ray_address)
+            embeds = None if node_embed is None else for_workers(node_embed, "--node-embed")
+            job = RayJob(for_workers(export, "export"), tuple(load.items()), embeds, for_workers(out, "--out"),
+                         schema, batching, _run_local)  # fmt: skip
+            run_ray(job, worker_sources(sources), done, output, ray_address, min(shard_size, PARTITION_FILES))
         else:
             _run_local(encoder, sources, done, output, node_source, batching, progress)
     summary.shards = {p.name: _rows(p) for p in shard_paths(out)}
     summary.seconds = time.perf_counter() - started
     write_manifest(out, identity, sources, summary)
     return summary
+
+
+def _local_out(out: str | os.PathLike) -> Path:
+    """``--out`` as a local directory (a ``file://`` URL is one)."""
+    where = Location(out, "--out")
+    if where.local is None:
+        raise InputError(
+            f"--out: {out}: embeddings are written to a local or shared directory (a path or file:// URL); "
+            "write there and copy the directory to object storage (e.g. `aws s3 sync DIR s3://...`)"
+        )
+    return where.local
 
 
 def _check_options(
@@ -184,9 +200,14 @@ def run_identity(
         "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
         "dtype": str(next(encoder.parameters()).dtype).removeprefix("torch."),
         "outputs": list(outputs),
-        "node_embed": str(Path(node_embed).resolve()) if node_embed is not None else "residue_table",
+        "node_embed": "residue_table" if node_embed is None else _node_embed_name(node_embed),
         "ipa_export_version": __version__,
     }
+
+
+def _node_embed_name(node_embed: str | os.PathLike) -> str:
+    where = Location(node_embed, "--node-embed")
+    return str(where.local.resolve()) if where.local is not None else where.url
 
 
 def prepare_output(out: Path, identity: Mapping[str, Any], overwrite: bool) -> tuple[set[str], int]:
@@ -228,7 +249,7 @@ def prepare_output(out: Path, identity: Mapping[str, Any], overwrite: bool) -> t
     with atomic_file(run_file) as tmp:
         tmp.write_text(json.dumps(dict(identity), indent=2) + "\n")
     done = {rid for p in shards for rid in shard_ids(p)}
-    next_index = max((int(p.name[5:-8]) for p in shards), default=-1) + 1
+    next_index = max((int(SHARD_PATTERN.fullmatch(p.name).group(1)) for p in shards), default=-1) + 1  # type: ignore[union-attr]
     return done, next_index
 
 

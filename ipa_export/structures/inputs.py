@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .reader import structure_stem
+from .storage import Location, is_url
 
 __all__ = ["STRUCTURE_SUFFIXES", "Source", "collect_sources", "record_id"]
 
@@ -23,10 +24,11 @@ MAX_MANIFEST_BYTES = 1 << 30  #: a manifest is a list of paths; anything bigger 
 
 @dataclass(frozen=True)
 class Source:
-    """One structure file to read: ``path`` on disk, ``given`` as the user wrote it (a path, or a
-    directory-relative path joined to the directory given), ``chain`` to keep (None: all)."""
+    """One structure file to read: ``path`` on disk (or a file-system URL such as
+    ``s3://bucket/1abc.cif.gz``), ``given`` as the user wrote it (a path, or a directory-relative
+    path joined to the directory given), ``chain`` to keep (None: all)."""
 
-    path: Path
+    path: Path | str
     given: str
     chain: str | None = None
 
@@ -57,7 +59,11 @@ def collect_sources(
     sources would give the same record id (all clashes listed)."""
     sources: list[Source] = []
     for item in inputs:
-        path = Path(item)
+        where = Location(item, "inputs")
+        if where.local is None:
+            sources += _url_sources(where, chain)
+            continue
+        path = where.local
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and is_structure_file(p))
             if not found:
@@ -70,31 +76,46 @@ def collect_sources(
         else:
             raise FileNotFoundError(f"inputs: {item}: no such file or directory")
     if manifest is not None:
-        sources += _read_manifest(Path(manifest), chain)
+        sources += _read_manifest(Location(manifest, "--manifest"), chain)
     if not sources:
         raise InputError("inputs: no structure given; pass structure files, directories or --manifest FILE")
     _check_unique(sources)
     return sources
 
 
-def _read_manifest(manifest: Path, chain: str | None) -> list[Source]:
+def _url_sources(where: Location, chain: str | None) -> list[Source]:
+    """The sources of an input given as a file-system URL (a file, or a directory searched)."""
+    if where.is_dir():
+        found = [f for f in where.files() if is_structure_file(Path(f.name))]
+        if not found:
+            raise InputError(
+                f"inputs: directory {where} holds no structure file (*.pdb, *.ent, *.cif, *.mmcif, optionally .gz)"
+            )
+        return [Source(f.url, f.url, chain) for f in found]
+    if where.is_file():
+        return [Source(where.url, where.url, chain)]
+    raise FileNotFoundError(f"inputs: {where}: no such file or directory")
+
+
+def _read_manifest(manifest: Location, chain: str | None) -> list[Source]:
     if not manifest.is_file():
         raise FileNotFoundError(f"--manifest: {manifest}: no such file")
-    if manifest.stat().st_size > MAX_MANIFEST_BYTES:
+    if manifest.size() > MAX_MANIFEST_BYTES:
         raise InputError(f"--manifest: {manifest} is larger than {MAX_MANIFEST_BYTES:,} bytes; expected a path list")
     sources, missing = [], []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(manifest.read_bytes().decode("utf-8").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.rstrip("\r\n").split("\t")
         if len(fields) > 2 or not fields[0].strip():
             raise InputError(f"--manifest: {manifest}:{number}: expected 'PATH' or 'PATH<TAB>CHAIN', got {line!r}")
         given = fields[0].strip()
-        path = Path(given) if Path(given).is_absolute() else manifest.parent / given
+        absolute = is_url(given) or Path(given).is_absolute()
+        path = Location(given, "--manifest") if absolute else manifest.parent / given
         if not path.is_file():
             missing.append(f"{manifest}:{number}: {given}")
         line_chain = fields[1].strip() if len(fields) == 2 else chain
-        sources.append(Source(path, given, line_chain or None))
+        sources.append(Source(path.url if path.local is None else path.local, given, line_chain or None))
     if missing:
         raise FileNotFoundError(
             f"--manifest: {len(missing)} listed file(s) not found (relative paths are read from the manifest's "
@@ -114,7 +135,7 @@ def _check_unique(sources: Sequence[Source]) -> None:
         if len(group) == 1:
             continue
         chains = [s.chain for s in group]
-        same_file = len({s.path.resolve() for s in group}) == 1
+        same_file = len({s.path.resolve() if isinstance(s.path, Path) else s.path for s in group}) == 1
         if not (same_file and None not in chains and len(set(chains)) == len(chains)):
             clashes.append(f"{stem}: " + ", ".join(s.given + (f" (chain {s.chain})" if s.chain else "") for s in group))
     if clashes:

@@ -3,18 +3,20 @@
 ``--node-embed PATH`` is a directory of ``<record id>.safetensors`` (one tensor, or one named
 ``node_embed``) or ``<record id>.pt`` files (read with ``weights_only=True``), one
 ``.safetensors`` file whose tensor names are record ids, or one ``.parquet`` file with columns
-``id`` and ``node_embed`` (``[L][c_s]`` floats). Nothing is unpickled.
+``id`` and ``node_embed`` (``[L][c_s]`` floats). Nothing is unpickled. ``PATH`` may be a
+file-system URL (:mod:`.storage`); a remote ``.safetensors`` file is read whole into memory.
 """
 
 from __future__ import annotations
 
+import io
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import InputError
+from .storage import Location
 
 __all__ = ["NodeEmbedSource", "open_node_embed"]
 
@@ -24,7 +26,7 @@ _SUFFIXES = (".safetensors", ".parquet")
 class NodeEmbedSource:
     """``get(record_id, length, c_s)`` -> [length, c_s] float32, or ValueError naming the record."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Location):
         self.path = path
 
     def get(self, record_id: str, length: int, c_s: int) -> torch.Tensor:
@@ -44,11 +46,11 @@ class NodeEmbedSource:
 
 class _Directory(NodeEmbedSource):
     def _lookup(self, record_id: str) -> torch.Tensor | None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         path = self.path / f"{record_id}.safetensors"
         if path.is_file():
-            tensors = load_file(path)
+            tensors = load(path.read_bytes())
             tensor = tensors.get("node_embed", next(iter(tensors.values())) if len(tensors) == 1 else None)
             if tensor is None:
                 raise InputError(
@@ -58,7 +60,7 @@ class _Directory(NodeEmbedSource):
         path = self.path / f"{record_id}.pt"
         if path.is_file():
             try:
-                tensor = torch.load(path, map_location="cpu", weights_only=True)
+                tensor = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
             except Exception as err:  # not a torch file, or it needs arbitrary unpickling
                 raise InputError(f"--node-embed: {path}: not a tensor file readable with weights_only=True") from err
             if not isinstance(tensor, torch.Tensor):
@@ -68,29 +70,36 @@ class _Directory(NodeEmbedSource):
 
 
 class _Safetensors(NodeEmbedSource):
-    def __init__(self, path: Path):
+    def __init__(self, path: Location):
         from safetensors import safe_open
+        from safetensors.torch import load
 
         super().__init__(path)
         try:
-            self._file = safe_open(str(path), framework="pt")
-            self._keys = set(self._file.keys())
+            if path.local is not None:
+                self._file: Any = safe_open(str(path.local), framework="pt")
+                self._keys = set(self._file.keys())
+            else:
+                self._file = load(path.read_bytes())
+                self._keys = set(self._file)
         except Exception as err:
             raise InputError(f"--node-embed: {path}: not a readable safetensors file ({err})") from err
 
     def _lookup(self, record_id: str) -> torch.Tensor | None:
-        return self._file.get_tensor(record_id) if record_id in self._keys else None
+        if record_id not in self._keys:
+            return None
+        return self._file[record_id] if isinstance(self._file, dict) else self._file.get_tensor(record_id)
 
 
 class _Parquet(NodeEmbedSource):
     """Looks records up by row group, keeping one row group in memory."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Location):
         import pyarrow.parquet as pq
 
         super().__init__(path)
         try:
-            self._file = pq.ParquetFile(path)
+            self._file = pq.ParquetFile(path.local if path.local is not None else path.open("rb"))
         except Exception as err:
             raise InputError(f"--node-embed: {path}: not a readable Parquet file ({err})") from err
         names = set(self._file.schema_arrow.names)
@@ -114,17 +123,18 @@ class _Parquet(NodeEmbedSource):
 
 def open_node_embed(path: str | os.PathLike) -> NodeEmbedSource:
     """Open ``--node-embed PATH`` (see the module docstring); ValueError for anything else."""
-    path = Path(path)
-    if path.is_dir():
-        return _Directory(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--node-embed: {path}: no such file or directory")
-    if path.suffix == ".safetensors":
-        return _Safetensors(path)
-    if path.suffix == ".parquet":
-        return _Parquet(path)
+    where = Location(path, "--node-embed")
+    if where.is_dir():
+        return _Directory(where)
+    if not where.is_file():
+        raise FileNotFoundError(f"--node-embed: {where}: no such file or directory")
+    suffix = "." + where.name.rsplit(".", 1)[-1] if "." in where.name else ""
+    if suffix == ".safetensors":
+        return _Safetensors(where)
+    if suffix == ".parquet":
+        return _Parquet(where)
     raise InputError(
-        f"--node-embed: {path}: unsupported format {path.suffix or '(no suffix)'!r}; expected a directory of "
+        f"--node-embed: {where}: unsupported format {suffix or '(no suffix)'!r}; expected a directory of "
         "<record id>.safetensors / .pt files, or one .safetensors or .parquet file keyed by record id "
         "(convert NumPy arrays with safetensors.numpy.save_file({'<record id>': array}, 'embeds.safetensors'))"
     )

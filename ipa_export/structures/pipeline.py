@@ -17,6 +17,7 @@ from .inputs import Source, record_id
 from .node_embed import NodeEmbedSource
 from .reader import Backbone, read_chains
 from .shards import ERRORS_FILE, TENSOR_COLUMNS, ShardWriter
+from .storage import local_copy
 
 __all__ = [
     "Batching",
@@ -48,6 +49,7 @@ class EmbedSummary:
     residues: int = 0  #: residues embedded by this run
     seconds: float = 0.0
     shards: dict[str, int] = field(default_factory=dict)  #: every complete shard -> rows
+    driver_bytes: int = 0  #: bytes of task results the driver received (``engine="ray"``)
 
     @property
     def exit_code(self) -> int:
@@ -96,10 +98,14 @@ def parse_sources(sources: Sequence[Source], done: set[str], max_length: int | N
     """Read every source: a ``Parsed`` per chain to embed, a ``Failed`` per failure, and
     ``FILE_DONE`` after each file. Chains whose id is in ``done`` are skipped."""
     for source in sources:
+        copy: Path | None = None
         try:
-            chains = read_chains(source.path, source.chain)
+            with local_copy(source.path) as copy:
+                chains = read_chains(copy, source.chain)
         except Exception as err:  # any unreadable file is an error record, not a crash
             reason = str(err) if isinstance(err, (OSError, ValueError)) else f"{type(err).__name__}: {err}"
+            if copy is not None:  # the file as given, not its temporary local copy
+                reason = reason.replace(str(copy), str(source.path))
             yield Failed(source.given, source.chain or "", reason)
             yield FILE_DONE
             continue

@@ -1,180 +1,256 @@
-"""The corpus job on Ray Data, for corpora past one machine (``pip install 'ipa-export[ray]'``).
+"""The corpus job on a Ray cluster (``pip install 'ipa-export[ray]'``): workers write the shards.
 
-The input list becomes a Ray dataset; parsing runs as Ray tasks (:func:`_parse_block`), and
-``map_batches`` with an actor pool embeds (:class:`_Embedder`: each actor loads the export
-once, compiled if asked, and batches its rows by length under the residue budget). The
-driver streams the results into the same shards, ``_errors.jsonl`` and manifest as the local
-engine, so ids, schema and resume are the same.
+The inputs are cut into partitions of consecutive sources (:func:`partitions`). Each partition is
+one Ray task (:func:`embed_partition`) that parses, embeds and writes its own shard,
+``part-<k>-<digest>.parquet`` (``k``: the partition's index, ``digest``: of its sources), with
+the local engine's pipeline, and returns a small JSON summary (rows, residues, failed records).
+The driver keeps a few tasks per worker in flight, writes the failures to ``_errors.jsonl``,
+and receives O(partitions) bytes whatever the size of the embeddings. A task retried by Ray
+(a worker or node died) rewrites the same shard whole, so no id is written twice; a re-run
+skips the partitions whose shard is complete and had no failure.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..errors import MissingDependencyError
-from .batching import LengthBucketer
+from ..errors import ClusterError, MissingDependencyError
 from .inputs import Source
-from .pipeline import Batching, Failed, Parsed, RunOutput, embed_batch, node_embeddings, parse_sources
-from .reader import Backbone
-from .shards import TENSOR_COLUMNS, records_table
+from .pipeline import Batching, Failed, RunOutput
+from .shards import TENSOR_COLUMNS, ShardWriter, shard_ids
+from .storage import Location
 
-__all__ = ["run_ray"]
+__all__ = ["Partition", "RayJob", "embed_partition", "for_workers", "partitions", "run_ray", "worker_sources"]
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_BLOCK = 64  #: structures per parse task and chains per actor call
+PARTITION_FILES = 64  #: most input files per partition (and so per shard)
+TASKS_PER_WORKER = 2  #: tasks in flight per worker slot: one running, one queued
+PARTITION_KEY = b"ipa_export.partition"  #: Parquet footer metadata of a partition's shard
 
 
 def _ray() -> Any:
     try:
         import ray
-        import ray.data  # noqa: F401
     except ImportError as err:
-        raise MissingDependencyError("--engine ray needs Ray Data: pip install 'ipa-export[ray]'") from err
+        raise MissingDependencyError("--engine ray needs Ray: pip install 'ipa-export[ray]'") from err
     return ray
 
 
-def _parse_block(batch: dict[str, Any], done: frozenset[str], max_length: int | None) -> Any:
-    """Structure paths -> one row per chain (``error`` null) or per failure (``error`` set)."""
-    import pyarrow as pa
+@dataclass(frozen=True)
+class Partition:
+    """Consecutive sources of a run, embedded by one task into one shard. ``done``: ids of its
+    chains already in other shards (skipped)."""
 
-    sources = [
-        Source(Path(p), g, c or None) for p, g, c in zip(batch["path"], batch["given"], batch["chain"], strict=True)
-    ]
-    rows: dict[str, list[Any]] = {
-        k: []
-        for k in ("id", "source", "chain", "sequence", "residue_ids", "residue_numbers", "backbone", "aatype", "error")
-    }
-    for item in parse_sources(sources, set(done), max_length):
-        if isinstance(item, Failed):
-            values = [item.id, item.source, item.chain, None, None, None, None, None, item.reason]
-        elif isinstance(item, Parsed):
-            bb = item.backbone
-            xyz = torch.stack([bb.n, bb.ca, bb.c], dim=1).reshape(-1)
-            values = [item.id, item.source.given, bb.chain, bb.sequence, list(bb.residue_ids),
-                      bb.residue_numbers.tolist(), xyz.tolist(), bb.aatype.tolist(), None]  # fmt: skip
-        else:
-            continue
-        for key, value in zip(rows, values, strict=True):
-            rows[key].append(value)
-    return pa.table({
-        "id": pa.array(rows["id"], pa.string()), "source": pa.array(rows["source"], pa.string()),
-        "chain": pa.array(rows["chain"], pa.string()), "sequence": pa.array(rows["sequence"], pa.string()),
-        "residue_ids": pa.array(rows["residue_ids"], pa.list_(pa.string())),
-        "residue_numbers": pa.array(rows["residue_numbers"], pa.list_(pa.int64())),
-        "backbone": pa.array(rows["backbone"], pa.list_(pa.float32())),
-        "aatype": pa.array(rows["aatype"], pa.list_(pa.int8())), "error": pa.array(rows["error"], pa.string()),
-    })  # fmt: skip
+    index: int
+    sources: tuple[Source, ...]
+    done: frozenset[str] = frozenset()
+
+    @property
+    def shard(self) -> str:
+        """The shard's name: a function of the partition alone, so a retried task rewrites it."""
+        listed = json.dumps([[s.given, s.chain or ""] for s in self.sources])
+        return f"part-{self.index:05d}-{hashlib.sha256(listed.encode()).hexdigest()[:16]}.parquet"
 
 
-class _Embedder:
-    """A Ray actor: loads the export once; embeds the chains of each block in length batches."""
+def partitions(sources: Sequence[Source], files: int) -> list[Partition]:
+    """``sources`` cut into partitions of ``files`` consecutive sources."""
+    return [Partition(k, tuple(sources[i : i + files])) for k, i in enumerate(range(0, len(sources), files))]
 
-    def __init__(self, export: str, load: Mapping[str, Any], node_embed: str | None, schema: Any,
-                 max_tokens: int, batch_size: int):  # fmt: skip
-        from ..model.encoder import IPAEncoder
-        from .node_embed import open_node_embed
 
-        self.encoder = IPAEncoder.from_pretrained(export, **load)
-        self.node_source = open_node_embed(node_embed) if node_embed is not None else None
-        self.schema, self.max_tokens, self.batch_size = schema, max_tokens, batch_size
+@dataclass(frozen=True)
+class RayJob:
+    """What every task needs: the export and its loading options, node embeddings, where the
+    shards go (a directory or URL), their schema, the batching, and the local engine's run
+    function ``run(encoder, sources, done, output, node_source, batching, progress)``."""
+
+    export: str
+    load: tuple[tuple[str, Any], ...]
+    node_embed: str | None
+    out: str
+    schema: Any
+    batching: Batching
+    run: Callable[..., None]
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded(export: str, load: tuple[tuple[str, Any], ...], node_embed: str | None) -> tuple[Any, Any]:
+    """The encoder and node-embedding source, once per worker process."""
+    from ..model.encoder import IPAEncoder
+    from .node_embed import open_node_embed
+
+    encoder = IPAEncoder.from_pretrained(export, **dict(load))
+    return encoder, open_node_embed(node_embed) if node_embed is not None else None
+
+
+class _PartitionShard(ShardWriter):
+    """One shard with a fixed name, its failure count in the Parquet footer; collects the
+    partition's failed records and counts for the summary."""
+
+    def __init__(self, directory: Path, schema: Any, name: str):
+        super().__init__(directory, schema, shard_size=sys.maxsize)
+        self._name, self.total_rows, self.residues = name, 0, 0
+        self.failures: list[dict[str, Any]] = []
         self.outputs = [f.name for f in schema if f.name in TENSOR_COLUMNS]
 
-    def __call__(self, table: Any) -> Any:
-        import pyarrow as pa
+    @property
+    def name(self) -> str:
+        return self._name
 
-        rows, failed = [], []
-        bucketer: LengthBucketer[tuple[Parsed, torch.Tensor]] = LengthBucketer(self.max_tokens, self.batch_size)
-        batches = []
-        for record in table.to_pylist():
-            if record["error"] is not None:
-                failed.append(record)
+    def fail(self, failed: Failed) -> None:
+        self.failures.append({"source": failed.source, "chain": failed.chain, "reason": failed.reason,
+                              "id": failed.id})  # fmt: skip
+
+    def write(self, table: Any) -> None:
+        super().write(table)
+        self.total_rows += table.num_rows
+        self.residues += sum(table.column("length").to_pylist())
+
+    def finish(self) -> None:
+        if self._writer is not None:
+            self._writer.add_key_value_metadata({PARTITION_KEY: json.dumps({"failures": len(self.failures)})})
+        super().finish()
+
+
+def embed_partition(job: RayJob, partition: Partition) -> bytes:
+    """Parse, embed and write one partition's shard (published whole, or not at all); return
+    the summary as JSON bytes: ``shard``, ``rows``, ``residues``, ``failures`` (records)."""
+    encoder, node_source = _loaded(job.export, job.load, job.node_embed)
+    out = Location(job.out, "--out")
+    staging = Path(tempfile.mkdtemp(prefix="ipa-export-shard-")) if out.local is None else out.local
+    try:
+        shard = _PartitionShard(staging, job.schema, partition.shard)
+        try:
+            job.run(encoder, partition.sources, set(partition.done), shard, node_source, job.batching, False)
+            shard.finish()
+        except BaseException:
+            shard.abort()
+            raise
+        if out.local is None and shard.total_rows:
+            (out / shard.name).put(staging / shard.name)
+    finally:
+        if out.local is None:
+            shutil.rmtree(staging, ignore_errors=True)
+    summary = {"shard": shard.name if shard.total_rows else None, "rows": shard.total_rows,
+               "residues": shard.residues, "failures": shard.failures}  # fmt: skip
+    return json.dumps(summary).encode()
+
+
+def shard_failures(path: Location) -> int | None:
+    """The failure count a partition's shard recorded (None: not a partition shard)."""
+    import pyarrow.parquet as pq
+
+    with path.open("rb") as f:
+        metadata = pq.ParquetFile(f).metadata.metadata or {}
+    return json.loads(metadata[PARTITION_KEY])["failures"] if PARTITION_KEY in metadata else None
+
+
+def _to_run(parts: Sequence[Partition], out: Location, done: set[str]) -> list[Partition]:
+    """The partitions to (re)run, each with the done ids of its own files from other shards: a
+    partition whose shard is complete without failures is skipped; one with failures is
+    re-run whole (its shard rewritten), so that failed records are retried."""
+    existing = set(out.names())
+    rerun: set[str] = set()  # ids in the shards about to be rewritten
+    selected = []
+    for part in parts:
+        if part.shard in existing:
+            if shard_failures(out / part.shard) == 0:
                 continue
-            item = _parsed(record)
-            try:
-                embed = node_embeddings(self.encoder, item, self.node_source)
-            except ValueError as err:
-                failed.append({**record, "error": str(err)})
-                continue
-            batches += bucketer.add((item, embed), len(item.backbone.sequence))
-        batches += bucketer.flush()
-        for batch in batches:
-            rows += embed_batch(self.encoder, [b for b, _ in batch], [e for _, e in batch], self.outputs)
-        embedded = records_table(rows, self.schema) if rows else self.schema.empty_table()
-        errors = pa.array([None] * len(rows) + [r["error"] for r in failed], pa.string())
-        failures = pa.table({f.name: pa.nulls(len(failed), f.type) for f in self.schema}).cast(
-            pa.schema([f.with_nullable(True) for f in self.schema])
-        )
-        for column in ("id", "source", "chain"):
-            failures = failures.set_column(
-                failures.schema.get_field_index(column), column, pa.array([r[column] for r in failed], pa.string())
-            )
-        combined = pa.concat_tables([embedded.cast(failures.schema), failures])
-        return combined.append_column("error", errors).replace_schema_metadata(None)
-
-
-def _parsed(record: Mapping[str, Any]) -> Parsed:
-    xyz = torch.tensor(record["backbone"], dtype=torch.float32).reshape(-1, 3, 3)
-    aatype = torch.tensor(record["aatype"], dtype=torch.int64)
-    backbone = Backbone(
-        name=record["id"], chain=record["chain"], sequence=record["sequence"], residue_ids=tuple(record["residue_ids"]),
-        residue_numbers=torch.tensor(record["residue_numbers"], dtype=torch.int64),
-        chain_ids=(record["chain"],) * len(aatype),
-        aatype=aatype, n=xyz[:, 0].contiguous(), ca=xyz[:, 1].contiguous(), c=xyz[:, 2].contiguous(),
-    )  # fmt: skip
-    return Parsed(record["id"], Source(Path(record["source"]), record["source"]), backbone)
+            with (out / part.shard).open("rb") as f:
+                rerun.update(shard_ids(f))
+        selected.append(part)
+    by_stem: dict[str, set[int]] = {}
+    for i, part in enumerate(selected):
+        for source in part.sources:
+            by_stem.setdefault(source.stem, set()).add(i)
+    own: dict[int, set[str]] = {}
+    for rid in done - rerun:  # an id is <stem>_<chain> or <stem>: try each cut at an underscore
+        for stem in [rid] + [rid[:i] for i, ch in enumerate(rid) if ch == "_"]:
+            for i in by_stem.get(stem, ()):
+                own.setdefault(i, set()).add(rid)
+    return [Partition(p.index, p.sources, frozenset(own.get(i, ()))) for i, p in enumerate(selected)]
 
 
 def run_ray(
-    export: str | os.PathLike,
-    load: Mapping[str, Any],
+    job: RayJob,
     sources: Sequence[Source],
     done: set[str],
     output: RunOutput,
-    node_embed: str | os.PathLike | None,
-    batching: Batching,
     ray_address: str | None,
-    actors: int | None = None,
+    files_per_partition: int = PARTITION_FILES,
 ) -> None:
-    """Run the job on Ray Data (``ray_address``: an existing cluster; None: this machine, or the
-    instance already initialised in this process); the driver writes the results to ``output``."""
-    import pyarrow.compute as pc
-
+    """Run the job on Ray (``ray_address``: an existing cluster; None: the instance already
+    initialised in this process, or a new one on this machine). Failures go to ``output``; its
+    summary gets the counts and ``driver_bytes`` (bytes of task results received)."""
     ray = _ray()
     started = not ray.is_initialized()
     if started:
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
     try:
-        device = str(load.get("device") or "cpu")
-        if actors is None:
-            resources = ray.cluster_resources()
-            actors = max(1, int(resources.get("GPU", 0) if device.startswith("cuda") else resources.get("CPU", 1) // 2))
-        items = [{"path": str(s.path), "given": s.given, "chain": s.chain or ""} for s in sources]
-        dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // ROWS_PER_BLOCK))
-        parsed = dataset.map_batches(
-            _parse_block, fn_kwargs={"done": frozenset(done), "max_length": batching.max_length},
-            batch_size=ROWS_PER_BLOCK, batch_format="numpy",
-        )  # fmt: skip
-        embedded = parsed.map_batches(
-            _Embedder, fn_constructor_args=(str(export), dict(load), None if node_embed is None else str(node_embed),
-                                            output.schema, batching.max_tokens, batching.batch_size),
-            batch_size=ROWS_PER_BLOCK, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-            num_gpus=1 if device.startswith("cuda") else 0,
-        )  # fmt: skip
-        for table in embedded.iter_batches(batch_format="pyarrow", batch_size=None):
-            failed = table.filter(pc.is_valid(table["error"]))
-            for record in failed.select(["id", "source", "chain", "error"]).to_pylist():
-                output.fail(Failed(record["source"], record["chain"], record["error"], record["id"]))
-            ok = table.filter(pc.is_null(table["error"])).select(output.schema.names)
-            if ok.num_rows:
-                output.write(ok.cast(output.schema))
+        device = dict(job.load).get("device") or "cpu"
+        gpu = str(device).startswith("cuda")
+        resources = ray.cluster_resources()
+        slots = max(1, int(resources.get("GPU", 0) if gpu else resources.get("CPU", 1)))
+        task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=3)(embed_partition)
+        todo = _to_run(partitions(sources, files_per_partition), Location(job.out, "--out"), done)
+        log.info("%d partitions to embed on %d worker slots", len(todo), slots)
+        job_ref = ray.put(job)
+        in_flight: dict[Any, Partition] = {}
+        try:
+            while todo or in_flight:
+                while todo and len(in_flight) < TASKS_PER_WORKER * slots:
+                    part = todo.pop(0)
+                    in_flight[task.remote(job_ref, part)] = part
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                part = in_flight.pop(ready[0])
+                try:
+                    payload = ray.get(ready[0])
+                except ray.exceptions.RayError as err:
+                    first = part.sources[0].given
+                    raise ClusterError(
+                        f"--engine ray: partition {part.index} ({len(part.sources)} files from {first}) failed on "
+                        f"the cluster after Ray's retries: {err}. Complete shards are kept: re-run the same "
+                        "command to resume"
+                    ) from err
+                _record(payload, output)
+        finally:
+            for ref in in_flight:
+                ray.cancel(ref, force=True)
     finally:
         if started:
             ray.shutdown()
+
+
+def _record(payload: bytes, output: RunOutput) -> None:
+    """Add one task's summary to the run's counts and error log."""
+    result: Mapping[str, Any] = json.loads(payload)
+    output.summary.driver_bytes += len(payload)
+    output.summary.records += result["rows"]
+    output.summary.residues += result["residues"]
+    for f in result["failures"]:
+        output.fail(Failed(f["source"], f["chain"], f["reason"], f["id"]))
+
+
+def for_workers(value: str | os.PathLike, argument: str) -> str:
+    """A path as workers in other directories (or on other nodes with the same file system)
+    find it: absolute; a URL or a Hub repo id as it is."""
+    where = Location(value, argument)
+    return os.path.abspath(where.local) if where.local is not None and where.local.exists() else str(value)
+
+
+def worker_sources(sources: Sequence[Source]) -> list[Source]:
+    """``sources`` with absolute local paths (``given`` kept, symlinks not resolved)."""
+    return [Source(Path(os.path.abspath(s.path)) if isinstance(s.path, Path) else s.path, s.given, s.chain)
+            for s in sources]  # fmt: skip
+

@@ -36,7 +36,8 @@ __all__ = [
 ]
 
 RUN_FILE, ERRORS_FILE, MANIFEST_FILE = "_run.json", "_errors.jsonl", "_manifest.json"
-SHARD_PATTERN = re.compile(r"part-(\d{5,})\.parquet")
+#: ``part-<index>.parquet`` (local engine) or ``part-<index>-<digest>.parquet`` (one per partition, Ray engine)
+SHARD_PATTERN = re.compile(r"part-(\d{5,})(?:-[0-9a-f]{16})?\.parquet")
 SCHEMA_KEY = b"ipa_export"  # Parquet schema metadata: the run identity, as JSON
 #: tensor columns and their shape after the residue dimension, given (c_s, rank, c_p)
 TENSOR_COLUMNS = ("s", "rotations", "translations", "s_mean", "z_f1", "z_f2")
