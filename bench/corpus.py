@@ -15,8 +15,11 @@ peak RSS (``ru_maxrss``) covers that run only.
 - ``memory``: peak RSS of ``embed_corpus`` with the shipped tiny export on 20, 200 and 2,000
   files of the same length distribution (the first 20 / 200 files of the 2,000). 20 chains do
   not fill one batch of the default budget; 200 and 2,000 run full batches.
-- ``ray``: the throughput corpus on Ray Data on this machine (``--engine ray``, local instance,
-  its start-up included), beside the local engine.
+- ``ray``: the throughput corpus with ``--engine ray`` on a Ray cluster on this machine
+  (``ray.cluster_utils.Cluster``: a head node without CPUs for the driver, two worker nodes of
+  one CPU each, all on 127.0.0.1), started before the timed run: residues/s (and per CPU, beside
+  the local engine's on this machine's CPUs), the driver's peak RSS, the bytes of task results
+  the driver received, and the bytes of the shards the workers wrote.
 
     python bench/corpus.py                      # everything; --chains 1000 by default
     python bench/corpus.py --only throughput
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -89,10 +93,18 @@ def child(args: argparse.Namespace) -> dict:
     from ipa_export import IPAEncoder, embed_corpus, load_embeddings
 
     kwargs = json.loads(args.kwargs)
+    cluster = start_cluster(args.nodes) if args.nodes else None
     started = time.perf_counter()
-    summary = embed_corpus(args.export, [args.corpus], args.out, progress=False, **kwargs)
-    seconds = time.perf_counter() - started
-    result = {
+    try:
+        summary = embed_corpus(args.export, [args.corpus], args.out, progress=False, **kwargs)
+        seconds = time.perf_counter() - started
+    finally:
+        if cluster is not None:
+            import ray
+
+            ray.shutdown()
+            cluster.shutdown()
+    result: dict = {
         "chains": summary.records,
         "residues": summary.residues,
         "errors": summary.errors,
@@ -100,12 +112,35 @@ def child(args: argparse.Namespace) -> dict:
         "chains_per_s": summary.records / seconds,
         "residues_per_s": summary.residues / seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpus": torch.get_num_threads(),
     }
+    if args.nodes:
+        result |= {
+            "cpus": args.nodes,  # one per worker node
+            "driver_bytes_received": summary.driver_bytes,
+            "shards": len(summary.shards),
+            "shard_bytes": sum(p.stat().st_size for p in Path(args.out).glob("part-*.parquet")),
+        }
     if args.bare:
         result |= bare_encoder(args.export, Path(args.corpus), kwargs, summary.residues, seconds)
         encoder = IPAEncoder.from_pretrained(args.export)
         result["max_abs_diff_vs_alone"] = max_difference(encoder, load_embeddings(args.out), Path(args.corpus))
     return result
+
+
+def start_cluster(nodes: int):
+    """A Ray cluster on this machine, on 127.0.0.1 only: a head without CPUs (the driver's node)
+    and ``nodes`` worker nodes of one CPU each; this process is its driver."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported: loopback only
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    return cluster
 
 
 def bare_encoder(export: str, corpus: Path, kwargs: dict, residues: int, pipeline_s: float) -> dict:
@@ -169,10 +204,11 @@ def max_difference(encoder, records, corpus: Path) -> float:
     return worst
 
 
-def measure(export: Path, corpus: Path, out: Path, bare: bool = False, **kwargs) -> dict:
+def measure(export: Path, corpus: Path, out: Path, bare: bool = False, nodes: int = 0, **kwargs) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, __file__, "--child", "--export", str(export), "--corpus", str(corpus),
-               "--out", str(out), "--kwargs", json.dumps(kwargs)] + (["--bare"] if bare else [])  # fmt: skip
+               "--out", str(out), "--kwargs", json.dumps(kwargs), "--nodes", str(nodes)]  # fmt: skip
+    command += ["--bare"] if bare else []
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -187,6 +223,7 @@ def main() -> None:
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--nodes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
@@ -200,9 +237,12 @@ def main() -> None:
         if args.only in (None, "throughput"):
             result = measure(export, corpus, tmp / "out", bare=True)
             print(f"local engine, usage config, {args.chains} chains:", json.dumps(result))
+        if args.only == "ray":  # the local engine beside it, on the machine as loaded now
+            result = measure(export, corpus, tmp / "out")
+            print(f"local engine, usage config, {args.chains} chains:", json.dumps(result))
         if args.only in (None, "ray"):
-            result = measure(export, corpus, tmp / "out-ray", engine="ray")
-            print(f"ray engine (local instance), usage config, {args.chains} chains:", json.dumps(result))
+            result = measure(export, corpus, tmp / "out-ray", nodes=2, engine="ray")
+            print(f"ray engine, 2 worker nodes x 1 CPU, usage config, {args.chains} chains:", json.dumps(result))
         if args.only in (None, "memory"):
             big = make_corpus(tmp / "corpus-2000", 2000)
             subsets = []
