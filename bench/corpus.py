@@ -102,6 +102,7 @@ def child(args: argparse.Namespace) -> dict:
         if cluster is not None:
             import ray
 
+            threads = ray.get(ray.remote(num_cpus=1)(torch.get_num_threads).remote())
             ray.shutdown()
             cluster.shutdown()
     result: dict = {
@@ -117,6 +118,7 @@ def child(args: argparse.Namespace) -> dict:
     if args.nodes:
         result |= {
             "cpus": args.nodes,  # one per worker node
+            "worker_torch_threads": threads,
             "driver_bytes_received": summary.driver_bytes,
             "shards": len(summary.shards),
             "shard_bytes": sum(p.stat().st_size for p in Path(args.out).glob("part-*.parquet")),

@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("export", help="export directory or Hub repo id")
     p.add_argument(
-        "inputs", nargs="*", help="structure files (.pdb/.ent/.cif/.mmcif, optionally .gz) or directories (paths or URLs)"
+        "inputs", nargs="*", help="structure files (.pdb/.ent/.cif/.mmcif, optionally .gz) or directories, or URLs"
     )
-    p.add_argument("--out", required=True, help="output directory (created; resumed when it exists)")
+    p.add_argument("--out", required=True, help="output directory or URL (created; resumed when it exists)")
     p.add_argument("--manifest", help="file listing one structure path per line, optionally TAB chain id")
     p.add_argument("--chain", help="embed only this chain of every file (default: every protein chain)")
     p.add_argument(

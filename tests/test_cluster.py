@@ -145,12 +145,43 @@ def test_urls_for_inputs_manifest_node_embed_and_output(tmp_path):
     memory.rm("/", recursive=True)
 
 
-def test_object_store_out_is_refused_with_the_way_to_get_there(tmp_path, capsys):
+def test_object_store_out_needs_ray_workers(capsys):
     from ipa_export.cli import main
 
     code = main(["embed", str(SHIPPED), str(STRUCTURES / "1ahsA.pdb.gz"), "--out", "memory://embeddings"])
     assert code == 2
-    assert "--out: memory://embeddings" in capsys.readouterr().err
+    assert "--out: memory://embeddings: an object-store output is written by Ray workers: pass --engine ray" in (
+        capsys.readouterr().err
+    )
+
+
+def test_object_store_out_is_checked_and_resumed_like_a_directory(tmp_path):
+    from ipa_export.structures.corpus import _IDENTITY_KEYS
+    from ipa_export.structures.ray_engine import RemoteOut
+    from ipa_export.structures.storage import Location
+
+    memory = fsspec.filesystem("memory")
+    local = tmp_path / "local"
+    embed_corpus(SHIPPED, [small_corpus(tmp_path / "corpus")], local)
+    (shard,) = local.glob("part-*.parquet")
+    identity = json.loads((local / "_run.json").read_text())
+    memory.put_file(str(shard), "/out/part-00000.parquet")
+    memory.pipe_file("/out/_manifest.json", b"{}")
+    remote = RemoteOut(Location("memory://out", "--out"))
+    assert remote.prepare(identity, _IDENTITY_KEYS, overwrite=False) == set(records(local))  # resume
+    assert json.loads(memory.cat_file("/out/_run.json")) == identity and not memory.exists("/out/_manifest.json")
+
+    other = {**identity, "dtype": "float64"}
+    with pytest.raises(FileExistsError, match="memory://out holds embeddings of another run .different dtype."):
+        remote.prepare(other, _IDENTITY_KEYS, overwrite=False)
+    assert remote.prepare(other, _IDENTITY_KEYS, overwrite=True) == set()
+    assert sorted(memory.ls("/out", detail=False)) == ["/out/_run.json"]  # the old run's files removed
+
+    memory.pipe_file("/out/part-00001.parquet", (local / "_run.json").read_bytes())  # not ours
+    with pytest.raises(FileExistsError, match="files this package did not write .part-00001.parquet."):
+        remote.prepare(identity, _IDENTITY_KEYS, overwrite=True)
+    assert memory.exists("/out/part-00001.parquet")
+    memory.rm("/", recursive=True)
 
 
 # --- on Ray: slow, each starts Ray processes (all on 127.0.0.1) ----------------------------------
@@ -242,10 +273,10 @@ def test_a_worker_node_removed_mid_run_is_retried_elsewhere(tmp_path, ray_loopba
         workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
-        out = tmp_path / "out"
+        out = tmp_path / "out"  # written as the URL local://...: the object-store code path, on this disk
         result: dict = {}
         run = threading.Thread(target=lambda: result.update(summary=embed_corpus(
-            SHIPPED, [tree], out, batch_size=2, shard_size=2, engine="ray")))  # fmt: skip
+            SHIPPED, [tree], f"local://{out}", batch_size=2, shard_size=2, engine="ray")))  # fmt: skip
         run.start()
         deadline = time.monotonic() + 300
         while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
@@ -262,3 +293,6 @@ def test_a_worker_node_removed_mid_run_is_retried_elsewhere(tmp_path, ray_loopba
     assert_same_rows(records(out), records(whole))
     assert errors(out) == errors(whole)
     assert summary.driver_bytes < 300 * len(summary.shards)  # O(shards), not O(embeddings)
+    assert (
+        summary.out == f"local://{out}" and json.loads((out / "_manifest.json").read_text())["counts"]["records"] == 20
+    )

@@ -29,7 +29,6 @@ from ..export.files import atomic_file, remove_files
 from .batching import LengthBucketer
 from .inputs import Source, collect_sources
 from .node_embed import NodeEmbedSource, open_node_embed
-from .storage import Location
 from .pipeline import (
     FILE_DONE,
     Batching,
@@ -55,6 +54,7 @@ from .shards import (
     shard_paths,
     tensor_shapes,
 )
+from .storage import Location
 
 __all__ = ["DEFAULT_OUTPUTS", "EmbedFailure", "EmbedSummary", "embed_corpus"]
 
@@ -110,7 +110,9 @@ def embed_corpus(
     started = time.perf_counter()
     outputs = _check_options(outputs, max_tokens, batch_size, max_length, shard_size, engine)
     sources = collect_sources(inputs, manifest, chain)
-    out = _local_out(out)
+    where = Location(out, "--out")
+    remote = _remote_out(where, engine)
+    out = where.local if remote is None else remote.staging
     if out.exists() and not out.is_dir():
         raise InputError(f"--out: {out} exists and is not a directory; expected a new or embeddings directory")
     node_source = open_node_embed(node_embed) if node_embed is not None else None
@@ -124,10 +126,13 @@ def embed_corpus(
             "(config.num_residue_types is 0); pass per-chain embeddings keyed by record id (e.g. ESM-2 + adapter)"
         )
     identity = run_identity(export, encoder, outputs, node_embed)
-    done, first_index = prepare_output(out, identity, overwrite)
+    if remote is None:
+        done, first_index = prepare_output(out, identity, overwrite)
+    else:
+        done, first_index = remote.prepare(identity, _IDENTITY_KEYS, overwrite), 0
     config = encoder.config
     schema = arrow_schema(tensor_shapes(config.c_s, config.z_factor_rank, config.c_p), outputs, identity)
-    summary = EmbedSummary(out=out, inputs=len(sources), skipped=len(done))
+    summary = EmbedSummary(out=out if remote is None else where.url, inputs=len(sources), skipped=len(done))
     batching = Batching(max_tokens, batch_size, max_length)
     with RunOutput(out, schema, shard_size, first_index, summary, fail_fast) as output:
         if engine == "ray":
@@ -135,26 +140,32 @@ def embed_corpus(
 
             del encoder
             embeds = None if node_embed is None else for_workers(node_embed, "--node-embed")
-            job = RayJob(for_workers(export, "export"), tuple(load.items()), embeds, for_workers(out, "--out"),
+            job = RayJob(for_workers(export, "export"), tuple(load.items()), embeds, for_workers(where.url, "--out"),
                          schema, batching, _run_local)  # fmt: skip
             run_ray(job, worker_sources(sources), done, output, ray_address, min(shard_size, PARTITION_FILES))
         else:
             _run_local(encoder, sources, done, output, node_source, batching, progress)
-    summary.shards = {p.name: _rows(p) for p in shard_paths(out)}
+    summary.shards = {p.name: _rows(p) for p in shard_paths(out)} if remote is None else remote.shards()
     summary.seconds = time.perf_counter() - started
     write_manifest(out, identity, sources, summary)
+    if remote is not None:
+        remote.publish()
     return summary
 
 
-def _local_out(out: str | os.PathLike) -> Path:
-    """``--out`` as a local directory (a ``file://`` URL is one)."""
-    where = Location(out, "--out")
-    if where.local is None:
+def _remote_out(where: Location, engine: str) -> Any:
+    """None for a local ``--out`` (a path or ``file://`` URL); a :class:`~.ray_engine.RemoteOut`
+    for an object store, which only the Ray engine's workers write to."""
+    if where.local is not None:
+        return None
+    if engine != "ray":
         raise InputError(
-            f"--out: {out}: embeddings are written to a local or shared directory (a path or file:// URL); "
-            "write there and copy the directory to object storage (e.g. `aws s3 sync DIR s3://...`)"
+            f"--out: {where}: an object-store output is written by Ray workers: pass --engine ray "
+            "(a local instance is fine), or write to a local directory"
         )
-    return where.local
+    from .ray_engine import RemoteOut
+
+    return RemoteOut(where)
 
 
 def _check_options(

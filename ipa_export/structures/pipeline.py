@@ -41,7 +41,7 @@ class EmbedFailure(IPAExportError, RuntimeError):
 class EmbedSummary:
     """What a run did. ``errors`` failed records this run (see ``_errors.jsonl``)."""
 
-    out: Path
+    out: Path | str  #: the output directory (a URL for an object store)
     inputs: int = 0  #: structure files read
     records: int = 0  #: chains embedded by this run
     skipped: int = 0  #: chains already in complete shards (resume)

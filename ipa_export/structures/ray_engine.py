@@ -28,10 +28,28 @@ from typing import Any
 from ..errors import ClusterError, MissingDependencyError
 from .inputs import Source
 from .pipeline import Batching, Failed, RunOutput
-from .shards import TENSOR_COLUMNS, ShardWriter, shard_ids
+from .shards import (
+    ERRORS_FILE,
+    MANIFEST_FILE,
+    RUN_FILE,
+    SHARD_PATTERN,
+    TENSOR_COLUMNS,
+    ShardWriter,
+    shard_identity,
+    shard_ids,
+)
 from .storage import Location
 
-__all__ = ["Partition", "RayJob", "embed_partition", "for_workers", "partitions", "run_ray", "worker_sources"]
+__all__ = [
+    "Partition",
+    "RayJob",
+    "RemoteOut",
+    "embed_partition",
+    "for_workers",
+    "partitions",
+    "run_ray",
+    "worker_sources",
+]
 
 log = logging.getLogger(__name__)
 
@@ -254,3 +272,72 @@ def worker_sources(sources: Sequence[Source]) -> list[Source]:
     return [Source(Path(os.path.abspath(s.path)) if isinstance(s.path, Path) else s.path, s.given, s.chain)
             for s in sources]  # fmt: skip
 
+
+class RemoteOut:
+    """``--out`` on an object store: the workers put the shards there; the driver checks and
+    resumes it as :func:`~.corpus.prepare_output` does a local directory, keeps ``_errors.jsonl``
+    and ``_manifest.json`` in a local ``staging`` directory and puts them there at the end,
+    the manifest last. (No lock: object stores have none; run one embed per ``--out``.)"""
+
+    def __init__(self, where: Location):
+        self.where = where
+        self.staging = Path(tempfile.mkdtemp(prefix="ipa-export-out-"))
+
+    def prepare(self, identity: Mapping[str, Any], keys: Sequence[str], overwrite: bool) -> set[str]:
+        """Check the directory against the run ``identity`` (``keys``); return the ids done."""
+        names = self.where.names()
+        shards = [n for n in names if SHARD_PATTERN.fullmatch(n)]
+        previous = self._json(RUN_FILE) if RUN_FILE in names else None
+        identities = {}
+        for name in shards:
+            with (self.where / name).open("rb") as f:
+                identities[name] = shard_identity(f)
+        foreign = [n for n, i in identities.items() if i is None]
+        foreign += [ERRORS_FILE] if ERRORS_FILE in names and previous is None else []
+        if foreign:
+            raise FileExistsError(
+                f"--out: {self.where} holds files this package did not write ({', '.join(foreign[:5])}); "
+                "pass a new or empty location"
+            )
+        runs = [i for i in (previous, *identities.values()) if i is not None]
+        differs = sorted({k for run in runs for k in keys if run.get(k) != identity[k]})
+        if differs and not overwrite:
+            raise FileExistsError(
+                f"--out: {self.where} holds embeddings of another run (different {', '.join(differs)}); "
+                "pass --overwrite to replace them, or a new --out location"
+            )
+        for name in [*shards, RUN_FILE, ERRORS_FILE, MANIFEST_FILE] if differs else [MANIFEST_FILE]:
+            (self.where / name).remove()
+        self._put(RUN_FILE, json.dumps(dict(identity), indent=2) + "\n")
+        done: set[str] = set()
+        for name in [] if differs else shards:
+            with (self.where / name).open("rb") as f:
+                done.update(shard_ids(f))
+        return done
+
+    def shards(self) -> dict[str, int]:
+        """Rows of every complete shard."""
+        import pyarrow.parquet as pq
+
+        rows = {}
+        for name in filter(SHARD_PATTERN.fullmatch, self.where.names()):
+            with (self.where / name).open("rb") as f:
+                rows[name] = pq.ParquetFile(f).metadata.num_rows
+        return rows
+
+    def publish(self) -> None:
+        """Put ``_errors.jsonl``, then ``_manifest.json``, from the staging directory."""
+        for name in (ERRORS_FILE, MANIFEST_FILE):
+            (self.where / name).put(self.staging / name)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _json(self, name: str) -> dict[str, Any] | None:
+        try:
+            value = json.loads((self.where / name).read_bytes())
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def _put(self, name: str, text: str) -> None:
+        (self.staging / name).write_text(text)
+        (self.where / name).put(self.staging / name)
