@@ -102,7 +102,7 @@ def child(args: argparse.Namespace) -> dict:
         if cluster is not None:
             import ray
 
-            threads = ray.get(ray.remote(num_cpus=1)(torch.get_num_threads).remote())
+            threads = ray.get(ray.remote(num_cpus=1)(_torch_threads).remote())
             ray.shutdown()
             cluster.shutdown()
     result: dict = {
@@ -128,6 +128,10 @@ def child(args: argparse.Namespace) -> dict:
         encoder = IPAEncoder.from_pretrained(args.export)
         result["max_abs_diff_vs_alone"] = max_difference(encoder, load_embeddings(args.out), Path(args.corpus))
     return result
+
+
+def _torch_threads() -> int:
+    return torch.get_num_threads()
 
 
 def start_cluster(nodes: int):
@@ -211,7 +215,9 @@ def measure(export: Path, corpus: Path, out: Path, bare: bool = False, nodes: in
     command = [sys.executable, __file__, "--child", "--export", str(export), "--corpus", str(corpus),
                "--out", str(out), "--kwargs", json.dumps(kwargs), "--nodes", str(nodes)]  # fmt: skip
     command += ["--bare"] if bare else []
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -101,8 +101,10 @@ def embed_corpus(
     package wrote. ``device``, ``dtype``, ``attention`` and ``compile`` are passed to
     ``IPAEncoder.from_pretrained``. Batches hold at most ``batch_size`` chains and
     ``max_tokens`` padded residues (a longer chain goes alone). ``progress``: a bar (True), log
-    lines every 30 s (False), or a bar on a terminal only (None). ``engine="ray"`` runs on Ray
-    Data (``ray_address``: a cluster; None: a local instance).
+    lines every 30 s (False), or a bar on a terminal only (None). ``engine="ray"`` runs on Ray,
+    each worker writing its own shards (``ray_address``: a cluster; None: a local instance).
+    ``inputs``, ``manifest``, ``node_embed`` and ``out`` may be file-system URLs (``s3://``,
+    ``gs://``, ``memory://``, ...); an object-store ``out`` needs ``engine="ray"``.
 
     Raises ValueError / FileNotFoundError for bad arguments before any work, and
     :class:`EmbedFailure` at the first failed record with ``fail_fast=True``.

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -146,8 +145,8 @@ def embed_partition(job: RayJob, partition: Partition) -> bytes:
     the summary as JSON bytes: ``shard``, ``rows``, ``residues``, ``failures`` (records)."""
     encoder, node_source = _loaded(job.export, job.load, job.node_embed)
     out = Location(job.out, "--out")
-    staging = Path(tempfile.mkdtemp(prefix="ipa-export-shard-")) if out.local is None else out.local
-    try:
+    with tempfile.TemporaryDirectory(prefix="ipa-export-shard-") as tmp:
+        staging = Path(tmp) if out.local is None else out.local  # a remote shard is written here, then put
         shard = _PartitionShard(staging, job.schema, partition.shard)
         try:
             job.run(encoder, partition.sources, set(partition.done), shard, node_source, job.batching, False)
@@ -157,9 +156,6 @@ def embed_partition(job: RayJob, partition: Partition) -> bytes:
             raise
         if out.local is None and shard.total_rows:
             (out / shard.name).put(staging / shard.name)
-    finally:
-        if out.local is None:
-            shutil.rmtree(staging, ignore_errors=True)
     summary = {"shard": shard.name if shard.total_rows else None, "rows": shard.total_rows,
                "residues": shard.residues, "failures": shard.failures}  # fmt: skip
     return json.dumps(summary).encode()
@@ -281,7 +277,8 @@ class RemoteOut:
 
     def __init__(self, where: Location):
         self.where = where
-        self.staging = Path(tempfile.mkdtemp(prefix="ipa-export-out-"))
+        self._staging = tempfile.TemporaryDirectory(prefix="ipa-export-out-")
+        self.staging = Path(self._staging.name)
 
     def prepare(self, identity: Mapping[str, Any], keys: Sequence[str], overwrite: bool) -> set[str]:
         """Check the directory against the run ``identity`` (``keys``); return the ids done."""
@@ -329,7 +326,7 @@ class RemoteOut:
         """Put ``_errors.jsonl``, then ``_manifest.json``, from the staging directory."""
         for name in (ERRORS_FILE, MANIFEST_FILE):
             (self.where / name).put(self.staging / name)
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self._staging.cleanup()
 
     def _json(self, name: str) -> dict[str, Any] | None:
         try:

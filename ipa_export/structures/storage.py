@@ -117,9 +117,9 @@ class Location:
         self.fs.put_file(str(source), self.path)
 
     def remove(self) -> None:
-        if self.local is not None:
-            self.local.unlink(missing_ok=True)
-        elif self.fs.exists(self.path):
+        """Remove this remote file if it exists (local files are removed by export.files)."""
+        assert self.fs is not None, "local files are removed with export.files.remove_files"
+        if self.fs.exists(self.path):
             self.fs.rm_file(self.path)
 
     def __str__(self) -> str:
@@ -134,11 +134,8 @@ def local_copy(value: str | os.PathLike) -> Iterator[Path]:
     if where.local is not None:
         yield where.local
         return
-    directory = Path(tempfile.mkdtemp(prefix="ipa-export-"))
-    try:
-        copy = directory / where.name
+    with tempfile.TemporaryDirectory(prefix="ipa-export-") as directory:
+        copy = Path(directory) / where.name
         with where.open("rb") as source, open(copy, "wb") as target:
             shutil.copyfileobj(source, target, 1 << 20)
         yield copy
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
