@@ -26,7 +26,8 @@ from ipa_export import load_embeddings  # noqa: E402
 from ipa_export.structures.corpus import _run_local, embed_corpus  # noqa: E402
 from ipa_export.structures.inputs import collect_sources  # noqa: E402
 from ipa_export.structures.pipeline import Batching  # noqa: E402
-from ipa_export.structures.ray_engine import RayJob, embed_partition, partitions  # noqa: E402
+from ipa_export.structures.ray_engine import Partition, RayJob, _to_run, embed_partition, partitions  # noqa: E402
+from ipa_export.structures.storage import Location  # noqa: E402
 
 SHIPPED = Path(__file__).parents[1] / "checkpoints" / "bindrae-ipa-tiny"
 ROOT = Path(__file__).parents[1]
@@ -97,6 +98,12 @@ def test_each_partition_task_writes_its_own_shard_and_a_retry_rewrites_it(tmp_pa
     )
     assert_same_rows(records(out), records(local))
 
+    # a re-run skips partitions with a complete shard and no failure, and re-runs the one whose
+    # file failed (failures are retried) without the ids of its own shard in its done set
+    (failed,) = [part for part, s in zip(parts, summaries, strict=True) if s["failures"]]
+    done = set(records(out))
+    assert _to_run(parts, Location(str(out), "--out"), done) == [Partition(failed.index, failed.sources)]
+
     # Ray retries a task whose worker died: it rewrites the same shard, whole
     before = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
     assert embed_partition(job, parts[0]) == payloads[0]
@@ -158,7 +165,6 @@ def test_object_store_out_needs_ray_workers(capsys):
 def test_object_store_out_is_checked_and_resumed_like_a_directory(tmp_path):
     from ipa_export.structures.corpus import _IDENTITY_KEYS
     from ipa_export.structures.ray_engine import RemoteOut
-    from ipa_export.structures.storage import Location
 
     memory = fsspec.filesystem("memory")
     local = tmp_path / "local"
@@ -240,6 +246,8 @@ def test_killed_ray_driver_resumes_to_the_local_engine_result(tmp_path, ray_loop
     for shard in shards:  # every visible shard is complete
         pq.ParquetFile(shard).metadata  # noqa: B018 - raises for a truncated file
     assert not (killed / "_manifest.json").exists()
+    footers = {p.name: json.loads(pq.ParquetFile(p).metadata.metadata[b"ipa_export.partition"]) for p in shards}
+    kept = {p.name: p.stat().st_mtime_ns for p in shards if footers[p.name]["failures"] == 0}
     # the local Ray instance shares the driver's fate: its raylet and workers exit (so no task of
     # the killed run publishes a shard later); two idle agent processes linger and are ended here
     agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
@@ -253,6 +261,7 @@ def test_killed_ray_driver_resumes_to_the_local_engine_result(tmp_path, ray_loop
 
     resumed = subprocess.run([*command, "--out", str(killed)], cwd=ROOT)
     assert resumed.returncode == 3  # the broken file is an error record again
+    assert kept and {name: (killed / name).stat().st_mtime_ns for name in kept} == kept  # skipped, not redone
     assert_same_rows(records(killed), records(whole))
     assert errors(killed) == errors(whole)
     manifest = json.loads((killed / "_manifest.json").read_text())
