@@ -137,7 +137,7 @@ def test_padded_positions_may_hold_anything():
 
 
 def test_block_preselection_returns_the_smallest_values_ties_included():
-    count, length, block = 18, 6000, knn_module.BLOCK
+    count, length, block = 18, 6000, knn_module.BLOCK_COLUMNS
     g = torch.Generator().manual_seed(0)
     d2 = torch.randint(100, 140, (5, length), generator=g).float()  # many equal values
     for row in range(3):  # the smallest values one per block: every chosen block is needed
@@ -160,7 +160,7 @@ def test_block_preselection_gives_the_same_neighbours_as_one_topk_per_row(monkey
     # 5,400 residues, long enough for the block pre-selection: a rotated lattice (ties at
     # every distance) and a random chain with padding.
     n = 5400
-    assert 4 * (10 + knn_module.EXTRA_CANDIDATES) * knn_module.BLOCK <= n
+    assert 4 * (10 + knn_module.EXTRA_CANDIDATES) * knn_module.BLOCK_COLUMNS <= n
     g = torch.Generator().manual_seed(2)
     r = torch.arange(18.0), torch.arange(15.0), torch.arange(20.0)
     lattice = 3.8 * torch.stack(torch.meshgrid(*r, indexing="ij"), -1).reshape(n, 3)
@@ -170,7 +170,7 @@ def test_block_preselection_gives_the_same_neighbours_as_one_topk_per_row(monkey
     mask = torch.ones(2, n, dtype=torch.bool)
     mask[1, 5000:] = False
     got = knn(coords, mask, 10)
-    monkeypatch.setattr(knn_module, "BLOCK", n)  # every row through one topk, as before
+    monkeypatch.setattr(knn_module, "BLOCK_COLUMNS", n)  # every row through one topk, as before
     want = knn(coords, mask, 10)
     assert torch.equal(got[1], want[1])
     assert torch.equal(got[0], want[0])

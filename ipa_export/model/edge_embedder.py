@@ -107,7 +107,7 @@ class EdgeEmbedder(nn.Module):
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
-        self.rank, self.k, self.num_bins, self.feat_dim = (
+        self.rank, self.k, self.num_distance_features, self.feat_dim = (
             config.z_factor_rank,
             config.knn_k,
             config.num_distance_features,
@@ -115,7 +115,7 @@ class EdgeEmbedder(nn.Module):
         )
         self.rbf = config.distance_features == "rbf"
         self.tie_tolerance = config.knn_tie_tolerance
-        f, r, bins = config.feat_dim, config.z_factor_rank, self.num_bins
+        f, r, bins = config.feat_dim, config.z_factor_rank, self.num_distance_features
         if r == 0:  # flash_no_bias: no edge parameters at all
             self.c_p = config.c_p
             return
@@ -133,7 +133,8 @@ class EdgeEmbedder(nn.Module):
         neighbour_positions = positions.gather(1, indices.clamp(min=0).flatten(1)).view_as(indices)
         index_emb = index_embedding(neighbour_positions, self.feat_dim, dtype=coords.dtype) * present
         encode = gaussian_rbf if self.rbf else distogram
-        return torch.cat([encode(distances, self.num_bins).to(coords.dtype), index_emb], dim=-1).flatten(-2)
+        features = encode(distances, self.num_distance_features).to(coords.dtype)  # [B, N, k, bins]
+        return torch.cat([features, index_emb], dim=-1).flatten(-2)
 
     def _factors(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, 2 * R * d] -> [B, N, 2, R, d] (n-major, then r, then d)."""

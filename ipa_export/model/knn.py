@@ -36,7 +36,7 @@ from .frames import geometry_dtype, masked_mean
 
 DEFAULT_CHUNK_SIZE = 256
 EXTRA_CANDIDATES = 8
-BLOCK = 64  #: columns per block of the candidate pre-selection (see smallest)
+BLOCK_COLUMNS = 64  #: columns per block of the candidate pre-selection (see smallest)
 _GEMM_RTOL = 1e-5  # bound on the GEMM squared-distance error, relative to the squared radius
 
 
@@ -119,18 +119,18 @@ def smallest(d2: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     ``torch.topk(d2, count, largest=False)`` (among equal values at the count-th place, which
     ones are returned may differ). d2 [..., N] -> values, indices [..., count].
 
-    Long rows are searched in blocks of ``BLOCK`` columns: the count smallest values lie in the
+    Long rows are searched in blocks of ``BLOCK_COLUMNS`` columns: the count smallest values lie in the
     count blocks with the smallest minima (a value outside them is preceded by those blocks'
     count minima) or in the last, partial block; only those columns go through ``topk``."""
     length = d2.shape[-1]
-    blocks = length // BLOCK
-    if count * BLOCK * 4 > length:
+    blocks = length // BLOCK_COLUMNS
+    if count * BLOCK_COLUMNS * 4 > length:
         return torch.topk(d2, count, dim=-1, largest=False, sorted=False)
-    minima = d2[..., : blocks * BLOCK].unflatten(-1, (blocks, BLOCK)).amin(-1)  # [..., blocks]
+    minima = d2[..., : blocks * BLOCK_COLUMNS].unflatten(-1, (blocks, BLOCK_COLUMNS)).amin(-1)  # [..., blocks]
     chosen = torch.topk(minima, count, dim=-1, largest=False, sorted=False).indices
-    offsets = torch.arange(BLOCK, device=d2.device)
-    columns = (chosen[..., None] * BLOCK + offsets).flatten(-2)  # [..., count * BLOCK]
-    rest = torch.arange(blocks * BLOCK, length, device=d2.device).expand(*columns.shape[:-1], -1)
+    offsets = torch.arange(BLOCK_COLUMNS, device=d2.device)
+    columns = (chosen[..., None] * BLOCK_COLUMNS + offsets).flatten(-2)  # [..., count * BLOCK_COLUMNS]
+    rest = torch.arange(blocks * BLOCK_COLUMNS, length, device=d2.device).expand(*columns.shape[:-1], -1)
     columns = torch.cat([columns, rest], dim=-1)
     values, picked = torch.topk(d2.gather(-1, columns), count, dim=-1, largest=False, sorted=False)
     return values, columns.gather(-1, picked)
