@@ -131,7 +131,8 @@ def test_the_shapes_determine_their_fields_and_nothing_else(name):
     fields, problems = implied_config(shapes, config.to_dict())
     assert problems == []
     determined = COMMON_SHAPE_FIELDS | SHAPE_FIELDS[config.mode] | {"mode"}
-    determined |= {"num_rbf" if config.distance_features == "rbf" else "num_bins"} if config.mode == "flash_1d_bias" else set()
+    if config.mode == "flash_1d_bias":
+        determined.add("num_rbf" if config.distance_features == "rbf" else "num_bins")
     assert fields == {k: getattr(config, k) for k in determined}
 
 
@@ -156,5 +157,6 @@ def test_a_malformed_tensor_is_named():
     shapes["edge_embedder.linear_t_distogram.weight"] = [2 * 2 * 22, 10 * (22 + 16) + 1]
     problems = implied_config(shapes).problems
     assert problems == [
-        "tensor edge_embedder.linear_t_distogram.weight: size 381 is not a positive multiple of num_bins + feat_dim = 38"
+        "tensor edge_embedder.linear_t_distogram.weight: size 381 is not a positive multiple of "
+        "num_bins + feat_dim = 38"
     ]
