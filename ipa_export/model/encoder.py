@@ -27,7 +27,8 @@ class EncoderOutput(NamedTuple):
     ``translations``) and identity ``rotations``, whatever the inputs held there.
 
     dtypes, with or without ``torch.autocast``: ``s``, ``z_f1``, ``z_f2`` in the encoder's
-    parameter dtype; ``rotations``, ``translations`` float32. Every tensor is contiguous."""
+    parameter dtype; ``rotations``, ``translations`` float32 (float64 for a float64 encoder).
+    Every tensor is contiguous."""
 
     s: torch.Tensor  #: [B, N, c_s] geometry-aware node embeddings
     rotations: torch.Tensor  #: [B, N, 3, 3] updated frame rotations
