@@ -39,6 +39,11 @@ class ClusterError(IPAExportError, RuntimeError):
     """A task failed on the Ray cluster after Ray's own retries (complete shards are kept)."""
 
 
+class UntrustedFileError(IPAExportError, PermissionError):
+    """A file this package refuses to load because loading it would run code it holds (a compile
+    cache from outside the user's cache directory, or one another user can write)."""
+
+
 class CheckFailedError(IPAExportError, RuntimeError):
     """A self-check failed (e.g. conversion parity): the result is not to be trusted."""
 
