@@ -91,9 +91,8 @@ class Location:
         return self.local.stat().st_size if self.local is not None else int(self.fs.size(self.path))
 
     def files(self) -> list[Location]:
-        """Every file below this directory, recursively, sorted by path."""
-        if self.local is not None:
-            return [Location(p, self.argument) for p in sorted(self.local.rglob("*")) if p.is_file()]
+        """Every file below this remote directory, recursively, sorted by path."""
+        assert self.fs is not None, "local directories are searched with Path.rglob"
         found = sorted(self.fs.find(self.path))
         return [self / f[len(self.path.rstrip("/")) + 1 :] for f in found if f.startswith(self.path.rstrip("/") + "/")]
 
