@@ -13,9 +13,10 @@ from torch import nn
 
 from ..config import EncoderConfig
 from ..errors import InputError
+from ..export.compile_cache import load_export_compile_cache
 from ..export.pretrained import ExportMixin
 from .attention import resolve_backend
-from .compiling import compile_pretrained
+from .compiling import CompiledEncoder, compile_encoder
 from .edge_embedder import EdgeEmbedder, residue_positions
 from .frames import Frames, identity_rotations, masked_mean
 from .pair_features import FactorizedPairEmbedder
@@ -28,7 +29,8 @@ class EncoderOutput(NamedTuple):
     ``translations``) and identity ``rotations``, whatever the inputs held there.
 
     dtypes, with or without ``torch.autocast``: ``s``, ``z_f1``, ``z_f2`` in the encoder's
-    parameter dtype; ``rotations``, ``translations`` float32. Every tensor is contiguous."""
+    parameter dtype; ``rotations``, ``translations`` float32 (float64 for a float64 encoder).
+    Every tensor is contiguous."""
 
     s: torch.Tensor  #: [B, N, c_s] geometry-aware node embeddings
     rotations: torch.Tensor  #: [B, N, 3, 3] updated frame rotations
@@ -115,7 +117,7 @@ class IPAEncoder(ExportMixin, nn.Module):
         compile_cache: bool | str | os.PathLike = True,
         trust_compile_cache: bool = False,
         **kwargs: Any,
-    ) -> IPAEncoder:
+    ) -> IPAEncoder | CompiledEncoder:
         """Load a frozen encoder (``eval()``, no gradients) from an export directory or Hub repo id.
 
         Takes the options of :meth:`ExportMixin.from_pretrained
@@ -126,7 +128,7 @@ class IPAEncoder(ExportMixin, nn.Module):
         :func:`ipa_export.model.compiling.compile_encoder` (fullgraph, dynamic, one graph for all
         batch sizes), after loading the compile cache ``compile_cache`` names (``True``: the
         one this machine saved for this export in the user's cache directory,
-        :func:`~ipa_export.model.compiling.compile_cache_file`, when present; ``False``: none;
+        :func:`~ipa_export.export.compile_cache.compile_cache_file`, when present; ``False``: none;
         a path: that file, only with ``trust_compile_cache=True``, since loading a compile cache
         runs the code it holds). Nothing inside an export is ever loaded as a compile cache.
         """
@@ -134,9 +136,8 @@ class IPAEncoder(ExportMixin, nn.Module):
         encoder = super().from_pretrained(path_or_repo_id, config_overrides=overrides or None, **kwargs)
         if not compile:
             return encoder
-        return compile_pretrained(  # type: ignore[return-value]
-            encoder, encoder.export_directory, kwargs.get("device"), compile_cache, trust_compile_cache
-        )
+        load_export_compile_cache(encoder.export_directory, kwargs.get("device"), compile_cache, trust_compile_cache)
+        return compile_encoder(encoder)
 
     @classmethod
     def implied_config(
