@@ -150,14 +150,13 @@ def structure_inputs(path: Path, seed: int) -> tuple[str, torch.Tensor, torch.Te
 def real_chains(path: Path) -> list[str]:
     """Max |x - x_fp64| over valid residues for s and translations on the chains of a real golden
     (``tests/data/golden/real/real_mid.safetensors``: the reference's weights, every parameter
-    non-zero, and its float64 outputs), neighbours in exact distance order."""
+    non-zero, and its float64 outputs)."""
     import json
 
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from ipa_export.bindrae.keys import checkpoint_to_encoder
-    from ipa_export.model import knn
 
     tensors = load_file(path)
     with safe_open(path, framework="pt") as f:
@@ -180,28 +179,23 @@ def real_chains(path: Path) -> list[str]:
         f"{'chain':>20} {'N':>4} {'ref32 (file)':>12} " + " ".join(f"{name:>19}" for name in columns),
     ]
     print("\n".join(lines), flush=True)
-    saved = knn.TIE_ATOL, knn.TIE_RTOL
-    knn.TIE_ATOL = knn.TIE_RTOL = 0.0
-    try:
-        for chain in json.loads(meta["chains"]):
-            name = chain["name"]
-            x = {key: tensors[f"{name}.inputs.{key}"] for key in ("node_embed", "translations", "rotations", "node_mask")}
-            mask = x["node_mask"].bool()
-            cells = []
-            for dtype, context in columns.values():
-                encoder = IPAEncoder(config.replace(attn_dtype=dtype)).eval().requires_grad_(False)
-                encoder.load_state_dict(weights)
-                with torch.no_grad(), context():
-                    out = encoder(x["node_embed"], x["translations"], mask, rotations=x["rotations"])
-                s_err = (out.s - tensors[f"{name}.fp64.s_geo"])[mask].abs().max().item()
-                t_err = (out.translations - tensors[f"{name}.fp64.trans"])[mask].abs().max().item()
-                cells.append(f"{s_err:9.2e}/{t_err:9.2e}")
-            lines.append(
-                f"{name:>20} {mask.sum().item():4d} {chain['ref32_vs_fp64']:12.1e} " + " ".join(f"{c:>19}" for c in cells)
-            )
-            print(lines[-1], flush=True)
-    finally:
-        knn.TIE_ATOL, knn.TIE_RTOL = saved
+    for chain in json.loads(meta["chains"]):
+        name = chain["name"]
+        x = {key: tensors[f"{name}.inputs.{key}"] for key in ("node_embed", "translations", "rotations", "node_mask")}
+        mask = x["node_mask"].bool()
+        cells = []
+        for dtype, context in columns.values():
+            encoder = IPAEncoder(config.replace(attn_dtype=dtype)).eval().requires_grad_(False)
+            encoder.load_state_dict(weights)
+            with torch.no_grad(), context():
+                out = encoder(x["node_embed"], x["translations"], mask, rotations=x["rotations"])
+            s_err = (out.s - tensors[f"{name}.fp64.s_geo"])[mask].abs().max().item()
+            t_err = (out.translations - tensors[f"{name}.fp64.trans"])[mask].abs().max().item()
+            cells.append(f"{s_err:9.2e}/{t_err:9.2e}")
+        lines.append(
+            f"{name:>20} {mask.sum().item():4d} {chain['ref32_vs_fp64']:12.1e} " + " ".join(f"{c:>19}" for c in cells)
+        )
+        print(lines[-1], flush=True)
     return lines
 
 

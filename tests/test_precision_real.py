@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 
 from ipa_export import EncoderConfig, IPAEncoder
 from ipa_export.bindrae.keys import checkpoint_to_encoder
-from ipa_export.model import knn
 
 REAL = GOLDEN / "real" / "real_mid.safetensors"
 #: max |x - x_fp64| over valid residues and channels reached on the six chains, with a margin:
@@ -49,16 +48,6 @@ def real():
     weights = checkpoint_to_encoder({k[len("weights.") :]: v for k, v in tensors.items() if k.startswith("weights.")})
     chains = [chain["name"] for chain in json.loads(metadata["chains"])]
     return config, weights, tensors, chains
-
-
-@pytest.fixture(autouse=True)
-def exact_neighbour_order():
-    """Neighbours in the exact distance order of the given coordinates, as the reference orders them
-    (no tie band; real chains have neighbour distances closer than it)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(knn, "TIE_ATOL", 0.0, raising=False)
-        patch.setattr(knn, "TIE_RTOL", 0.0, raising=False)
-        yield
 
 
 def errors(real, attn_dtype: str) -> dict[str, tuple[float, float]]:
