@@ -13,6 +13,7 @@ import torch
 
 from ..errors import IPAExportError
 from ..model import frames
+from ..model.validation import check_structure_inputs
 from .inputs import Source, record_id
 from .node_embed import NodeEmbedSource
 from .reader import Backbone, read_chains
@@ -150,12 +151,21 @@ def embed_batch(
 
 
 def node_embeddings(encoder: Any, item: Parsed, source: NodeEmbedSource | None) -> torch.Tensor:
-    """[L, c_s] node embeddings of one chain: from ``source`` or the export's residue table."""
+    """[L, c_s] node embeddings of one chain, from ``source`` or the export's residue table,
+    after the encoder's value checks passed on this chain alone (finite coordinates within
+    bounds, proper N-CA-C frames): a failure is a ValueError for this chain only, never for the
+    batch it would join."""
+    bb = item.backbone
     if source is not None:
-        return source.get(item.id, len(item.backbone.sequence), encoder.config.c_s)
-    with torch.inference_mode():
-        device = next(encoder.parameters()).device
-        return encoder.embed_residues(item.backbone.aatype.to(device)).float().cpu()
+        embed = source.get(item.id, len(bb.sequence), encoder.config.c_s)
+    else:
+        with torch.inference_mode():
+            device = next(encoder.parameters()).device
+            embed = encoder.embed_residues(bb.aatype.to(device)).float().cpu()
+    rotations, ca = frames.from_backbone(bb.n, bb.ca, bb.c)
+    mask = torch.ones(1, len(bb.sequence), dtype=torch.bool)
+    check_structure_inputs(encoder.config.c_s, embed[None], ca[None], mask, rotations[None])
+    return embed
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,79 @@
+"""Corpus embedding keeps every input: a bad chain, a full disk, a concurrent run, a changed
+file or odd residue numbering never drop, mix up or keep stale records silently."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import STRUCTURES
+
+pa = pytest.importorskip("pyarrow")
+pytest.importorskip("gemmi")
+import pyarrow.parquet as pq  # noqa: E402
+
+from ipa_export import load_embeddings  # noqa: E402
+from ipa_export.cli import main  # noqa: E402
+from ipa_export.structures.corpus import embed_corpus  # noqa: E402
+
+SHIPPED = Path(__file__).parents[1] / "checkpoints" / "bindrae-ipa-tiny"
+
+
+def atom_lines(name: str) -> list[str]:
+    """The ATOM records of a real structure in tests/data/structures."""
+    path = STRUCTURES / name
+    text = gzip.decompress(path.read_bytes()).decode() if name.endswith(".gz") else path.read_text()
+    return [line for line in text.splitlines() if line.startswith("ATOM")]
+
+
+def with_chain(lines: list[str], chain: str) -> list[str]:
+    return [line[:21] + chain + line[22:] for line in lines]
+
+
+def with_xyz(line: str, xyz: tuple[str, str, str]) -> str:
+    """An ATOM line with its coordinate fields (columns 31-54) replaced by the given texts."""
+    return line[:30] + "".join(f"{v:>8}" for v in xyz) + line[54:]
+
+
+def write_pdb(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\nEND\n")
+    return path
+
+
+def errors(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "_errors.jsonl").read_text().splitlines()]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --- a bad chain is an error record; the rest of its batch is written ----------------------------
+
+
+def test_nan_and_degenerate_chains_are_error_records_and_their_batch_is_written(tmp_path, capsys):
+    good = atom_lines("3a4rA.pdb.gz")
+    nan = with_chain(good, "B")
+    nan[10] = with_xyz(nan[10], ("nan", "1.0", "2.0"))
+    degenerate = with_chain(good, "C")  # N, CA and C of one residue at one point: no frame
+    for i, line in enumerate(degenerate):
+        if line[22:26].strip() == "-2" and line[12:16].strip() in ("N", "CA", "C"):
+            degenerate[i] = with_xyz(line, ("9999.999",) * 3)
+    path = write_pdb(tmp_path / "mixed.pdb", good + nan + degenerate + with_chain(good, "D"))
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "embed", SHIPPED, path, "--out", out, "--batch-size", "8")
+    assert code == 3, stderr
+    assert sorted(r["id"] for r in load_embeddings(out)) == ["mixed_A", "mixed_D"]
+    reasons = {e["id"]: e for e in errors(out)}
+    assert set(reasons) == {"mixed_B", "mixed_C"}
+    assert reasons["mixed_B"]["chain"] == "B" and reasons["mixed_B"]["source"] == str(path)
+    assert "finite" in reasons["mixed_B"]["reason"]
+    assert "rotation" in reasons["mixed_C"]["reason"]
+    # A re-run resumes: the good rows stay, the bad chains are tried again and fail again.
+    code, stdout, _ = run(capsys, "embed", SHIPPED, path, "--out", out, "--batch-size", "8")
+    assert code == 3 and "2 already done" in stdout and len(errors(out)) == 2
