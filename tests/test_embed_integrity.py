@@ -77,3 +77,70 @@ def test_nan_and_degenerate_chains_are_error_records_and_their_batch_is_written(
     # A re-run resumes: the good rows stay, the bad chains are tried again and fail again.
     code, stdout, _ = run(capsys, "embed", SHIPPED, path, "--out", out, "--batch-size", "8")
     assert code == 3 and "2 already done" in stdout and len(errors(out)) == 2
+
+
+# --- a full disk never publishes a broken shard; the next run resumes -----------------------------
+
+INPUTS = [STRUCTURES / n for n in ("two_chains.pdb", "3a4rA.pdb.gz", "1ahsA.pdb.gz", "4ake_adk_open.pdb.gz")]
+
+
+def assert_only_whole_shards_and_resume(out: Path, stderr: str, capsys) -> None:
+    """After a failed write: one error line, every visible shard is valid Parquet with whole
+    records, no temporary file is left, and a re-run completes the directory."""
+    assert stderr.count("\n") == 1 and "part-" in stderr and "Traceback" not in stderr
+    shards = sorted(out.glob("part-*.parquet"))
+    for shard in shards:
+        assert pq.ParquetFile(shard).metadata.num_rows == 2
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    done = len(shards) * 2
+    code, stdout, stderr = run(capsys, "embed", SHIPPED, *INPUTS, "--out", out, "--shard-size", "2", "--batch-size",
+                               "2", "--outputs", "s,z_f1,z_f2")  # fmt: skip
+    assert code == 0, stderr
+    assert f"{done} already done" in stdout
+    assert sorted(r["id"] for r in load_embeddings(out)) == sorted(
+        ["two_chains_A", "two_chains_B", "3a4rA_A", "1ahsA_A", "4ake_adk_open"]
+    )
+
+
+def test_a_file_size_limit_fails_the_write_without_publishing_a_truncated_shard(tmp_path, capsys):
+    import resource
+    import signal
+
+    out = tmp_path / "out"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, hard))
+    try:
+        code, _, stderr = run(capsys, "embed", SHIPPED, *INPUTS, "--out", out, "--shard-size", "2", "--batch-size",
+                              "2", "--outputs", "s,z_f1,z_f2")  # fmt: skip
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert code == 2 and "File too large" in stderr
+    assert_only_whole_shards_and_resume(out, stderr, capsys)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 96 KB tmpfs mounted for the test (root only; skipped where mounting is not allowed),
+    and a function that resizes it."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs privileges")
+    try:
+        yield mount, lambda size: subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_fails_the_write_without_publishing_a_truncated_shard(small_disk, capsys):
+    disk, resize = small_disk
+    out = disk / "out"
+    code, _, stderr = run(capsys, "embed", SHIPPED, *INPUTS, "--out", out, "--shard-size", "2", "--batch-size", "2",
+                          "--outputs", "s,z_f1,z_f2")  # fmt: skip
+    assert code == 2 and "No space left on device" in stderr
+    resize("4m")
+    assert_only_whole_shards_and_resume(out, stderr, capsys)
