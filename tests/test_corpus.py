@@ -73,7 +73,7 @@ def corpus(tmp_path: Path) -> dict[str, Path]:
 
 
 def direct(encoder: IPAEncoder, path: Path, chain: str, node_embed: torch.Tensor | None = None) -> dict:
-    """The encoder on one chain alone (batch of 1, no padding, the file's residue numbers)."""
+    """The encoder on one chain alone (batch of 1, no padding, residue_index from the file's numbers)."""
     (backbone,) = read_chains(path, chain).backbones
     rotations, translations = frames.from_backbone(backbone.n, backbone.ca, backbone.c)
     embed = encoder.embed_residues(backbone.aatype) if node_embed is None else node_embed
@@ -84,7 +84,7 @@ def direct(encoder: IPAEncoder, path: Path, chain: str, node_embed: torch.Tensor
             translations[None],
             mask,
             rotations=rotations[None],
-            residue_index=backbone.residue_numbers[None],
+            residue_index=backbone.residue_index[None],
         )
     return {k: v[0] for k, v in out._asdict().items()} | {"sequence": backbone.sequence}
 

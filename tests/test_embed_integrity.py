@@ -144,3 +144,68 @@ def test_a_full_disk_fails_the_write_without_publishing_a_truncated_shard(small_
     assert code == 2 and "No space left on device" in stderr
     resize("4m")
     assert_only_whole_shards_and_resume(out, stderr, capsys)
+
+
+# --- every residue with N, CA and C is kept, in file order; residue_index strictly increases -------
+
+
+def renumbered(lines: list[str], number) -> list[str]:
+    """ATOM lines with residue k (in file order) numbered ``number(k)`` -> (number, insertion code)."""
+    out, key, k = [], None, -1
+    for line in lines:
+        if line[22:27] != key:
+            key, k = line[22:27], k + 1
+        num, icode = number(k)
+        out.append(line[:22] + f"{num:>4}{icode or ' '}" + line[27:])
+    return out
+
+
+def backbone_residues(lines: list[str]) -> int:
+    return len({line[22:27] for line in lines if line[12:16].strip() == "CA"})
+
+
+def test_restarted_and_repeated_numbers_keep_every_residue_in_file_order(tmp_path, caplog):
+    from ipa_export.structures.reader import read_chains
+
+    lines = atom_lines("3a4rA.pdb.gz")
+    count = backbone_residues(lines)
+    (whole,) = read_chains(STRUCTURES / "3a4rA.pdb.gz").backbones
+    cases = {
+        "restart": renumbered(lines + lines, lambda k: (k % count + 1, "")),  # 1..79, 1..79
+        "twice": renumbered(lines, lambda k: (k // 2 + 1, "")),  # 1, 1, 2, 2, ... (names differ or not)
+        "wraps": renumbered(lines, lambda k: ((k + 9990) % 10000, "")),  # ... 9998, 9999, 0, 1, ...
+    }
+    for name, text in cases.items():
+        caplog.clear()
+        (chain,) = read_chains(write_pdb(tmp_path / f"{name}.pdb", text)).backbones
+        assert "numbering" in caplog.text and "kept in file order" in caplog.text, name
+        expected = 2 * count if name == "restart" else count
+        assert len(chain.sequence) == expected, name
+        torch.testing.assert_close(chain.ca[:count], whole.ca, atol=0, rtol=0)  # file order, nothing merged
+        index = chain.residue_index
+        assert (index[1:] > index[:-1]).all(), name
+
+
+def test_insertion_codes_and_gaps_in_the_encoder_residue_index(tmp_path):
+    from ipa_export.structures.reader import read_chains
+
+    lines = atom_lines("3a4rA.pdb.gz")
+    # 100, 100A, 100B, 100C, 101, then a gap of 10 (111, 112, ...)
+    numbers = [(100, ""), (100, "A"), (100, "B"), (100, "C"), (101, "")]
+    text = renumbered(lines, lambda k: numbers[k] if k < 5 else (106 + k, ""))
+    (chain,) = read_chains(write_pdb(tmp_path / "icodes.pdb", text)).backbones
+    assert chain.residue_ids[:5] == ("A:100", "A:100A", "A:100B", "A:100C", "A:101")
+    assert chain.residue_numbers[:6].tolist() == [100, 100, 100, 100, 101, 111]
+    # one step per inserted residue; a real gap stays a gap (101 -> 111: +10)
+    assert chain.residue_index[:7].tolist() == [100, 101, 102, 103, 104, 114, 115]
+    assert len(chain.sequence) == backbone_residues(lines)
+
+
+def test_the_embedded_rows_of_a_restarted_chain_hold_every_residue(tmp_path, capsys):
+    lines = atom_lines("3a4rA.pdb.gz")
+    count = backbone_residues(lines)
+    path = write_pdb(tmp_path / "restart.pdb", renumbered(lines + lines, lambda k: (k % count + 1, "")))
+    code, _, stderr = run(capsys, "embed", SHIPPED, path, "--out", tmp_path / "out")
+    assert code == 0, stderr
+    (record,) = load_embeddings(tmp_path / "out")
+    assert record["length"] == 2 * count and record["s"].shape[0] == 2 * count

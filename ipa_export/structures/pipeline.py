@@ -129,10 +129,10 @@ def embed_batch(
     ca = torch.zeros(size, n, 3)
     rotations = torch.eye(3).repeat(size, n, 1, 1)
     mask = torch.zeros(size, n, dtype=torch.bool)
-    residue_index = torch.zeros(size, n, dtype=torch.int64)  # the file's numbers: gaps are seen as gaps
+    residue_index = torch.zeros(size, n, dtype=torch.int64)  # strictly increasing, the file's gaps kept
     for i, (item, embed) in enumerate(zip(batch, node_embeds, strict=True)):
         bb, length = item.backbone, lengths[i]
-        node_embed[i, :length], mask[i, :length], residue_index[i, :length] = embed, True, bb.residue_numbers
+        node_embed[i, :length], mask[i, :length], residue_index[i, :length] = embed, True, bb.residue_index
         rotations[i, :length], ca[i, :length] = frames.from_backbone(bb.n, bb.ca, bb.c)
     device = parameter.device
     inputs = (node_embed, ca, mask, rotations, None, residue_index)
