@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,114 @@ def test_the_embedded_rows_of_a_restarted_chain_hold_every_residue(tmp_path, cap
     assert code == 0, stderr
     (record,) = load_embeddings(tmp_path / "out")
     assert record["length"] == 2 * count and record["s"].shape[0] == 2 * count
+
+
+# --- one writer per --out ------------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_locked_directory_fails_at_start_and_a_dead_holder_does_not_block(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from ipa_export.structures.run_state import output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out):  # another run writing out (this process, through its own open file)
+        code, _, stderr = run(capsys, "embed", SHIPPED, STRUCTURES / "3a4rA.pdb.gz", "--out", out)
+    assert code == 2 and f"another embed is writing {out} (pid {os.getpid()})" in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["_lock"]  # nothing written by the refused run
+
+    holder = "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); os.abort()"
+    assert subprocess.run([sys.executable, "-c", holder, str(out / "_lock")]).returncode < 0  # died holding it
+    code, _, stderr = run(capsys, "embed", SHIPPED, STRUCTURES / "3a4rA.pdb.gz", "--out", out)
+    assert code == 0, stderr
+    assert [r["id"] for r in load_embeddings(out)] == ["3a4rA_A"]
+
+
+# --- ids unique by construction -----------------------------------------------------------------
+
+
+def test_a_file_whose_stem_is_another_files_record_id_is_refused_before_any_work(tmp_path, capsys):
+    write_pdb(tmp_path / "prot.pdb", atom_lines("3a4rA.pdb.gz"))  # chain A -> prot_A
+    write_pdb(tmp_path / "prot_A.pdb", with_chain(atom_lines("3a4rA.pdb.gz"), " "))  # no chain id -> prot_A
+    code, _, stderr = run(capsys, "embed", SHIPPED, tmp_path / "prot.pdb", tmp_path / "prot_A.pdb", "--out",
+                          tmp_path / "out")  # fmt: skip
+    assert code == 2 and "prot_A" in stderr and "prot.pdb" in stderr and "prot_A.pdb" in stderr
+    assert not (tmp_path / "out").exists()
+    # no clash when the other file has no such chain
+    write_pdb(tmp_path / "prot_B.pdb", with_chain(atom_lines("3a4rA.pdb.gz"), " "))
+    code, _, stderr = run(capsys, "embed", SHIPPED, tmp_path / "prot.pdb", tmp_path / "prot_B.pdb", "--out",
+                          tmp_path / "out")  # fmt: skip
+    assert code == 0, stderr
+
+
+def test_a_resumed_run_does_not_take_an_id_of_another_source_as_done(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_pdb(tmp_path / "a" / "prot.pdb", atom_lines("3a4rA.pdb.gz"))
+    write_pdb(tmp_path / "b" / "prot.pdb", with_chain(atom_lines("1ahsA.pdb.gz"), "A"))
+    out = tmp_path / "out"
+    assert run(capsys, "embed", SHIPPED, tmp_path / "a" / "prot.pdb", "--out", out)[0] == 0
+    code, stdout, _ = run(capsys, "embed", SHIPPED, tmp_path / "b" / "prot.pdb", "--out", out)
+    assert code == 3, stdout
+    (error,) = errors(out)
+    assert error["id"] == "prot_A" and "already taken by" in error["reason"] and str(tmp_path / "a") in error["reason"]
+    (record,) = load_embeddings(out)
+    assert record["source"] == str(tmp_path / "a" / "prot.pdb")
+
+
+# --- inputs hashed: a changed input is embedded again, never kept stale ----------------------------
+
+
+def test_a_changed_input_replaces_its_old_rows_on_resume(tmp_path, capsys):
+    path = write_pdb(tmp_path / "prot.pdb", atom_lines("3a4rA.pdb.gz"))
+    other = write_pdb(tmp_path / "other.pdb", atom_lines("1ahsA.pdb.gz"))
+    out = tmp_path / "out"
+    assert run(capsys, "embed", SHIPPED, path, other, "--out", out)[0] == 0
+    before = {r["id"]: r for r in load_embeddings(out)}
+    stat = path.stat()
+    write_pdb(path, with_chain(atom_lines("1ahsA.pdb.gz"), "A"))  # now other.pdb's chain
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime: the content decides
+    code, stdout, stderr = run(capsys, "embed", SHIPPED, path, other, "--out", out)
+    assert code == 0, stderr
+    after = {r["id"]: r for r in load_embeddings(out)}
+    assert sorted(after) == sorted(before) == ["other_A", "prot_A"]
+    assert after["prot_A"]["length"] == before["other_A"]["length"] != before["prot_A"]["length"]
+    torch.testing.assert_close(after["prot_A"]["s"], before["other_A"]["s"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(after["other_A"]["s"], before["other_A"]["s"])  # untouched
+    recorded = json.loads((out / "_run.json").read_text())["inputs"][str(path)]
+    assert recorded["sha256"] == __import__("hashlib").sha256(path.read_bytes()).hexdigest()
+    assert recorded["size"] == path.stat().st_size and recorded["mtime_ns"] == stat.st_mtime_ns
+
+
+# --- bounded decompression -------------------------------------------------------------------------
+
+
+def test_a_structure_past_the_decompression_cap_is_an_error_record(tmp_path, capsys):
+    text = ("\n".join(atom_lines("3a4rA.pdb.gz")) + "\n").encode()
+    bomb = tmp_path / "bomb.pdb.gz"
+    bomb.write_bytes(gzip.compress(text + b"REMARK 999" + b" " * 70 + b"\n" * 3_000_000, 9))
+    assert bomb.stat().st_size < 30_000
+    out = tmp_path / "out"
+    code, _, stderr = run(capsys, "embed", SHIPPED, bomb, STRUCTURES / "3a4rA.pdb.gz", "--out", out,
+                          "--max-structure-bytes", "1000000")  # fmt: skip
+    assert code == 3, stderr
+    (error,) = errors(out)
+    assert error["source"] == str(bomb) and "more than 1,000,000 bytes" in error["reason"]
+    assert "--max-structure-bytes" in error["reason"]
+    assert [r["id"] for r in load_embeddings(out)] == ["3a4rA_A"]
+    code, _, _ = run(capsys, "embed", SHIPPED, bomb, STRUCTURES / "3a4rA.pdb.gz", "--out", out)  # default 256 MB
+    assert code == 0 and sorted(r["id"] for r in load_embeddings(out)) == ["3a4rA_A", "bomb_A"]
+
+
+# --- --overwrite removes only what embed wrote -----------------------------------------------------
+
+
+def test_overwrite_never_removes_a_users_own_run_or_manifest_file(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_run.json").write_text('{"mine": true}')
+    (out / "_manifest.json").write_text('{"mine": true}')
+    code, _, stderr = run(capsys, "embed", SHIPPED, STRUCTURES / "3a4rA.pdb.gz", "--out", out, "--overwrite")
+    assert code == 2 and "did not write (_run.json, _manifest.json)" in stderr
+    assert (out / "_run.json").read_text() == '{"mine": true}' and (out / "_manifest.json").read_text() == '{"mine": true}'

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .reader import structure_stem
+from .reader import read_chains, structure_stem
 
 __all__ = ["STRUCTURE_SUFFIXES", "Source", "collect_sources", "record_id"]
 
@@ -103,9 +103,29 @@ def _read_manifest(manifest: Path, chain: str | None) -> list[Source]:
     return sources
 
 
+def _final_id_clashes(by_stem: Mapping[str, Sequence[Source]]) -> list[str]:
+    """Clashes among the record ids of the files whose stem is another stem + ``_`` + suffix."""
+    suspects: set[str] = set()
+    for stem in by_stem:
+        for i, char in enumerate(stem):
+            if char == "_" and stem[:i] in by_stem:
+                suspects |= {stem, stem[:i]}
+    given: dict[str, list[str]] = defaultdict(list)
+    for source in (s for stem in sorted(suspects) for s in by_stem[stem]):
+        try:
+            chains = read_chains(source.path, source.chain)
+        except (OSError, ValueError):  # an error record when the run reaches it
+            continue
+        for chain in [b.chain for b in chains.backbones] + [f.chain for f in chains.failures]:
+            given[record_id(source.stem, chain)].append(f"{source.given} ({f'chain {chain}' if chain else 'no chain id'})")
+    return [f"{rid}: " + ", ".join(names) for rid, names in given.items() if len(names) > 1]
+
+
 def _check_unique(sources: Sequence[Source]) -> None:
     """Record ids are ``<stem>_<chain>``: two files with one stem may clash on any chain, and one
-    file listed twice for one chain (or all chains) would be embedded twice."""
+    file listed twice for one chain (or all chains) would be embedded twice. A stem that is
+    another stem + ``_`` + something (``prot_A.pdb`` beside ``prot.pdb``) may clash on the final
+    ids: those files alone are read here to compare the ids they give."""
     by_stem: dict[str, list[Source]] = defaultdict(list)
     for source in sources:
         by_stem[source.stem].append(source)
@@ -117,6 +137,8 @@ def _check_unique(sources: Sequence[Source]) -> None:
         same_file = len({s.path.resolve() for s in group}) == 1
         if not (same_file and None not in chains and len(set(chains)) == len(chains)):
             clashes.append(f"{stem}: " + ", ".join(s.given + (f" (chain {s.chain})" if s.chain else "") for s in group))
+    if not clashes:
+        clashes = _final_id_clashes(by_stem)
     if clashes:
         raise InputError(
             f"inputs: record ids (<file stem>_<chain>) would not be unique; {len(clashes)} clash(es): "

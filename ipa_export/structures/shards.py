@@ -1,7 +1,9 @@
 """Embeddings on disk: Parquet shards, one row per chain, written atomically; and their reader.
 
 A directory holds ``part-00000.parquet``, ``part-00001.parquet``, ... (each renamed into place
-only when complete, flushed to disk and re-read as valid: :func:`shard_file`), ``_run.json`` (what the run embeds with, written first), ``_errors.jsonl``
+only when complete, flushed to disk and re-read as valid: :func:`shard_file`), ``_run.json``
+(what the run embeds with and the inputs' fingerprints, written first), ``_lock`` (held by
+the run writing the directory), ``_errors.jsonl``
 (one line per failed chain or file) and ``_manifest.json`` (written last). Names starting with
 ``_`` are skipped by pandas, ``pyarrow.dataset`` and Ray Data, so ``pandas.read_parquet(DIR)``
 reads the rows as they are. Tensors are nested lists of float32: ``s`` ``[L][c_s]``,
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import MissingDependencyError
-from ..export.files import atomic_file
+from ..export.files import atomic_file, remove_files
 
 __all__ = [
     "ERRORS_FILE",
@@ -265,10 +267,34 @@ def shard_identity(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def shard_ids(path: Path) -> list[str]:
+def shard_sources(paths: Iterable[Path]) -> dict[str, str]:
+    """Record id -> ``source`` (the input as given) of every row of the shards ``paths``."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+    found: dict[str, str] = {}
+    for path in paths:
+        table = pq.read_table(path, columns=["id", "source"])
+        found.update(zip(table.column("id").to_pylist(), table.column("source").to_pylist(), strict=True))
+    return found
+
+
+def drop_rows(paths: Iterable[Path], ids: Collection[str]) -> None:
+    """Rewrite each shard of ``paths`` that holds rows with an id in ``ids`` without them
+    (published by :func:`shard_file`); a shard left without rows is removed."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    pa = _pa()
+    for path in paths:
+        table = pq.read_table(path)
+        keep = pc.invert(pc.is_in(table.column("id"), value_set=pa.array(list(ids), pa.string())))
+        if pc.all(keep).as_py():
+            continue
+        kept = table.filter(keep)
+        if kept.num_rows:
+            write_shard(path, table.schema, [kept])
+        else:
+            remove_files([path])
 
 
 def load_embeddings(
