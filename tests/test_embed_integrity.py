@@ -321,3 +321,29 @@ def test_overwrite_never_removes_a_users_own_run_or_manifest_file(tmp_path, caps
     code, _, stderr = run(capsys, "embed", SHIPPED, STRUCTURES / "3a4rA.pdb.gz", "--out", out, "--overwrite")
     assert code == 2 and "did not write (_run.json, _manifest.json)" in stderr
     assert (out / "_run.json").read_text() == '{"mine": true}' and (out / "_manifest.json").read_text() == '{"mine": true}'
+
+
+# --- inputs: symbolic links and special files -----------------------------------------------------
+
+def test_symlinked_directories_are_searched_once_and_odd_paths_are_named(tmp_path):
+    from ipa_export.structures.inputs import collect_sources
+
+    tree, elsewhere = tmp_path / "tree", tmp_path / "elsewhere"
+    tree.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "a.pdb").write_text("ATOM\n")
+    (tree / "b.pdb").write_text("ATOM\n")
+    (tree / "linked").symlink_to(elsewhere)
+    (elsewhere / "back").symlink_to(tree)  # a loop: tree/linked/back -> tree
+    found = [s.path.relative_to(tree).as_posix() for s in collect_sources([tree])]
+    assert found == ["b.pdb", "linked/a.pdb"]
+
+    os.mkfifo(tmp_path / "pipe.pdb")
+    with pytest.raises(FileNotFoundError, match=r"pipe\.pdb: a FIFO \(named pipe\)"):
+        collect_sources([tmp_path / "pipe.pdb"])
+    (tmp_path / "loop.pdb").symlink_to(tmp_path / "loop.pdb")
+    with pytest.raises(FileNotFoundError, match=r"loop\.pdb: a symbolic link loop"):
+        collect_sources([tmp_path / "loop.pdb"])
+    (tmp_path / "dangling.pdb").symlink_to(tmp_path / "gone.pdb")
+    with pytest.raises(FileNotFoundError, match=r"dangling\.pdb: a broken symbolic link"):
+        collect_sources([tmp_path / "dangling.pdb"])

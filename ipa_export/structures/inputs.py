@@ -6,7 +6,9 @@ path or two files that would give the same record id stop the run before any wor
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,7 +61,7 @@ def collect_sources(
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_structure_file(p))
+            found = _search(path)
             if not found:
                 raise InputError(
                     f"inputs: directory {path} holds no structure file (*.pdb, *.ent, *.cif, *.mmcif, optionally .gz)"
@@ -68,13 +70,43 @@ def collect_sources(
         elif path.is_file():
             sources.append(Source(path, str(item), chain))
         else:
-            raise FileNotFoundError(f"inputs: {item}: no such file or directory")
+            raise FileNotFoundError(f"inputs: {item}: {_not_a_file(path)}")
     if manifest is not None:
         sources += _read_manifest(Path(manifest), chain)
     if not sources:
         raise InputError("inputs: no structure given; pass structure files, directories or --manifest FILE")
     _check_unique(sources)
     return sources
+
+
+def _search(directory: Path) -> list[Path]:
+    """Structure files under ``directory``, sorted; symbolic links to directories are followed,
+    each directory searched once (a link back into one already searched is skipped)."""
+    seen: set[tuple[int, int]] = set()
+    found = []
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        status = os.stat(root)
+        if (status.st_dev, status.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        found += [p for name in files if is_structure_file(p := Path(root) / name) and p.is_file()]
+    return sorted(found)
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` is neither a regular file nor a directory."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)})"
+        return "no such file or directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe), expected a structure file or directory"
+    return "a special file (socket or device), expected a structure file or directory"
 
 
 def _read_manifest(manifest: Path, chain: str | None) -> list[Source]:
@@ -92,7 +124,7 @@ def _read_manifest(manifest: Path, chain: str | None) -> list[Source]:
         given = fields[0].strip()
         path = Path(given) if Path(given).is_absolute() else manifest.parent / given
         if not path.is_file():
-            missing.append(f"{manifest}:{number}: {given}")
+            missing.append(f"{manifest}:{number}: {given} ({_not_a_file(path)})")
         line_chain = fields[1].strip() if len(fields) == 2 else chain
         sources.append(Source(path, given, line_chain or None))
     if missing:
