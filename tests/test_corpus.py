@@ -332,8 +332,8 @@ def test_ray_engine_matches_the_local_engine(corpus, tmp_path):
     assert set(got) == set(want)
     for rid, record in got.items():
         assert record["residue_ids"] == want[rid]["residue_ids"] and record["source"] == want[rid]["source"]
-        for key in ("s", "rotations", "translations", "s_mean"):
-            torch.testing.assert_close(record[key], want[rid][key], atol=1e-5, rtol=1e-5)
+        for key in ("s", "rotations", "translations", "s_mean"):  # other batches: the stated batching bound
+            assert ((record[key] - want[rid][key]).abs() / (1 + want[rid][key].abs())).max() <= BATCHING_BOUND
     assert pq.read_schema(next(on_ray.glob("part-*.parquet"))) == pq.read_schema(next(local.glob("part-*.parquet")))
     local_errors = sorted(map(json.loads, (local / "_errors.jsonl").read_text().splitlines()), key=str)
     assert sorted(map(json.loads, (on_ray / "_errors.jsonl").read_text().splitlines()), key=str) == local_errors
