@@ -18,7 +18,6 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from ipa_export import load_embeddings  # noqa: E402
 from ipa_export.cli import main  # noqa: E402
-from ipa_export.structures.corpus import embed_corpus  # noqa: E402
 
 SHIPPED = Path(__file__).parents[1] / "checkpoints" / "bindrae-ipa-tiny"
 
@@ -320,10 +319,11 @@ def test_overwrite_never_removes_a_users_own_run_or_manifest_file(tmp_path, caps
     (out / "_manifest.json").write_text('{"mine": true}')
     code, _, stderr = run(capsys, "embed", SHIPPED, STRUCTURES / "3a4rA.pdb.gz", "--out", out, "--overwrite")
     assert code == 2 and "did not write (_run.json, _manifest.json)" in stderr
-    assert (out / "_run.json").read_text() == '{"mine": true}' and (out / "_manifest.json").read_text() == '{"mine": true}'
+    assert (out / "_run.json").read_text() == (out / "_manifest.json").read_text() == '{"mine": true}'
 
 
 # --- inputs: symbolic links and special files -----------------------------------------------------
+
 
 def test_symlinked_directories_are_searched_once_and_odd_paths_are_named(tmp_path):
     from ipa_export.structures.inputs import collect_sources

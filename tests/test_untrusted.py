@@ -350,7 +350,8 @@ def test_validate_fails_on_non_finite_outputs_of_finite_weights(tmp_path, capsys
 
 def test_duplicate_keys_in_config_json_are_refused_by_name(saved):
     text = (saved / "config.json").read_text()
-    (saved / "config.json").write_text(text.replace('"max_trans_update":', '"max_trans_update": 99.0, "max_trans_update":', 1))
+    twice = text.replace('"max_trans_update":', '"max_trans_update": 99.0, "max_trans_update":', 1)
+    (saved / "config.json").write_text(twice)
     assert load_problems(saved) == ["config.json: key 'max_trans_update' appears twice in one object"]
     (saved / "config.json").write_text(text[:-2] + ', "config": {}}\n')
     assert load_problems(saved) == ["config.json: key 'config' appears twice in one object"]

@@ -41,21 +41,21 @@ from .pipeline import (
     node_embeddings,
     parse_sources,
 )
+from .reader import DEFAULT_MAX_STRUCTURE_BYTES
+from .run_state import changed_inputs, fingerprint, output_lock
 from .shards import (
     ERRORS_FILE,
     MANIFEST_FILE,
     RUN_FILE,
     TENSOR_COLUMNS,
     arrow_schema,
-    records_table,
     drop_rows,
+    records_table,
     shard_identity,
     shard_paths,
     shard_sources,
     tensor_shapes,
 )
-from .reader import DEFAULT_MAX_STRUCTURE_BYTES
-from .run_state import changed_inputs, fingerprint, output_lock
 
 __all__ = ["DEFAULT_OUTPUTS", "EmbedFailure", "EmbedSummary", "embed_corpus"]
 

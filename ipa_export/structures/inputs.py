@@ -149,7 +149,8 @@ def _final_id_clashes(by_stem: Mapping[str, Sequence[Source]]) -> list[str]:
         except (OSError, ValueError):  # an error record when the run reaches it
             continue
         for chain in [b.chain for b in chains.backbones] + [f.chain for f in chains.failures]:
-            given[record_id(source.stem, chain)].append(f"{source.given} ({f'chain {chain}' if chain else 'no chain id'})")
+            where = f"chain {chain}" if chain else "no chain id"
+            given[record_id(source.stem, chain)].append(f"{source.given} ({where})")
     return [f"{rid}: " + ", ".join(names) for rid, names in given.items() if len(names) > 1]
 
 

@@ -275,7 +275,8 @@ def read_chains(
         repeats = [rid for rid in merged if rid.split(":", 1)[0] == ch.name]
         if repeats:
             read[ch.name] = ChainFailure(
-                ch.name, f"chain {ch.name!r}: residues {', '.join(repeats[:5])} repeat a number and name in this mmCIF "
+                ch.name,
+                f"chain {ch.name!r}: residues {', '.join(repeats[:5])} repeat a number and name in this mmCIF "
                 "file and cannot be told apart; renumber them (e.g. gemmi convert via PDB) or drop the copies",
             )
             continue
