@@ -20,22 +20,22 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ClusterError, MissingDependencyError
 from .inputs import Source
-from .pipeline import Batching, Failed, RunOutput
+from .pipeline import Batching, EmbedSummary, Failed, RunOutput
+from .run_state import changed_inputs, fingerprint
 from .shards import (
     ERRORS_FILE,
     MANIFEST_FILE,
     RUN_FILE,
     SHARD_PATTERN,
-    TENSOR_COLUMNS,
     ShardWriter,
     shard_identity,
-    shard_ids,
+    shard_sources,
 )
 from .storage import Location
 
@@ -67,12 +67,12 @@ def _ray() -> Any:
 
 @dataclass(frozen=True)
 class Partition:
-    """Consecutive sources of a run, embedded by one task into one shard. ``done``: ids of its
-    chains already in other shards (skipped)."""
+    """Consecutive sources of a run, embedded by one task into one shard. ``done``: record id ->
+    source of its chains already in other shards (skipped, or a clash if another source's)."""
 
     index: int
     sources: tuple[Source, ...]
-    done: frozenset[str] = frozenset()
+    done: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def shard(self) -> str:
@@ -111,33 +111,31 @@ def _loaded(export: str, load: tuple[tuple[str, Any], ...], node_embed: str | No
     return encoder, open_node_embed(node_embed) if node_embed is not None else None
 
 
-class _PartitionShard(ShardWriter):
-    """One shard with a fixed name, its failure count in the Parquet footer; collects the
-    partition's failed records and counts for the summary."""
+class _PartitionWriter(ShardWriter):
+    """One shard with a fixed name; the partition's failure count goes in its Parquet footer."""
 
-    def __init__(self, directory: Path, schema: Any, name: str):
+    def __init__(self, directory: Path, schema: Any, name: str, failures: _Failures):
         super().__init__(directory, schema, shard_size=sys.maxsize)
-        self._name, self.total_rows, self.residues = name, 0, 0
-        self.failures: list[dict[str, Any]] = []
-        self.outputs = [f.name for f in schema if f.name in TENSOR_COLUMNS]
+        self._name, self._failures = name, failures
 
     @property
     def name(self) -> str:
         return self._name
 
-    def fail(self, failed: Failed) -> None:
-        self.failures.append({"source": failed.source, "chain": failed.chain, "reason": failed.reason,
-                              "id": failed.id})  # fmt: skip
-
-    def write(self, table: Any) -> None:
-        super().write(table)
-        self.total_rows += table.num_rows
-        self.residues += sum(table.column("length").to_pylist())
-
     def finish(self) -> None:
-        if self._writer is not None:
-            self._writer.add_key_value_metadata({PARTITION_KEY: json.dumps({"failures": len(self.failures)})})
+        if self._shard is not None:
+            self._shard.add_metadata({PARTITION_KEY.decode(): json.dumps({"failures": len(self._failures)})})
         super().finish()
+
+
+class _Failures(list):  # type: ignore[type-arg]
+    """The failed records of one partition, returned to the driver (an ErrorLog's interface)."""
+
+    def add(self, failed: Failed) -> None:
+        self.append({"source": failed.source, "chain": failed.chain, "reason": failed.reason, "id": failed.id})
+
+    def close(self) -> None:
+        pass
 
 
 def embed_partition(job: RayJob, partition: Partition) -> bytes:
@@ -145,20 +143,18 @@ def embed_partition(job: RayJob, partition: Partition) -> bytes:
     the summary as JSON bytes: ``shard``, ``rows``, ``residues``, ``failures`` (records)."""
     encoder, node_source = _loaded(job.export, job.load, job.node_embed)
     out = Location(job.out, "--out")
+    failures = _Failures()
+    summary = EmbedSummary(out=job.out)
     with tempfile.TemporaryDirectory(prefix="ipa-export-shard-") as tmp:
         staging = Path(tmp) if out.local is None else out.local  # a remote shard is written here, then put
-        shard = _PartitionShard(staging, job.schema, partition.shard)
-        try:
-            job.run(encoder, partition.sources, set(partition.done), shard, node_source, job.batching, False)
-            shard.finish()
-        except BaseException:
-            shard.abort()
-            raise
-        if out.local is None and shard.total_rows:
-            (out / shard.name).put(staging / shard.name)
-    summary = {"shard": shard.name if shard.total_rows else None, "rows": shard.total_rows,
-               "residues": shard.residues, "failures": shard.failures}  # fmt: skip
-    return json.dumps(summary).encode()
+        writer = _PartitionWriter(staging, job.schema, partition.shard, failures)
+        with RunOutput(staging, job.schema, sys.maxsize, 0, summary, False, partition.done, writer, failures) as output:  # type: ignore[arg-type]
+            job.run(encoder, partition.sources, partition.done, output, node_source, job.batching, False)
+        if out.local is None and summary.records:
+            (out / partition.shard).put(staging / partition.shard)
+    result = {"shard": partition.shard if summary.records else None, "rows": summary.records,
+              "residues": summary.residues, "failures": failures}  # fmt: skip
+    return json.dumps(result).encode()
 
 
 def shard_failures(path: Location) -> int | None:
@@ -170,7 +166,7 @@ def shard_failures(path: Location) -> int | None:
     return json.loads(metadata[PARTITION_KEY])["failures"] if PARTITION_KEY in metadata else None
 
 
-def _to_run(parts: Sequence[Partition], out: Location, done: set[str]) -> list[Partition]:
+def _to_run(parts: Sequence[Partition], out: Location, done: Mapping[str, str]) -> list[Partition]:
     """The partitions to (re)run, each with the done ids of its own files from other shards: a
     partition whose shard is complete without failures is skipped; one with failures is
     re-run whole (its shard rewritten), so that failed records are retried."""
@@ -182,24 +178,24 @@ def _to_run(parts: Sequence[Partition], out: Location, done: set[str]) -> list[P
             if shard_failures(out / part.shard) == 0:
                 continue
             with (out / part.shard).open("rb") as f:
-                rerun.update(shard_ids(f))
+                rerun.update(shard_sources([f]))
         selected.append(part)
     by_stem: dict[str, set[int]] = {}
     for i, part in enumerate(selected):
         for source in part.sources:
             by_stem.setdefault(source.stem, set()).add(i)
-    own: dict[int, set[str]] = {}
-    for rid in done - rerun:  # an id is <stem>_<chain> or <stem>: try each cut at an underscore
+    own: dict[int, dict[str, str]] = {}
+    for rid in done.keys() - rerun:  # an id is <stem>_<chain> or <stem>: try each cut at an underscore
         for stem in [rid] + [rid[:i] for i, ch in enumerate(rid) if ch == "_"]:
             for i in by_stem.get(stem, ()):
-                own.setdefault(i, set()).add(rid)
-    return [Partition(p.index, p.sources, frozenset(own.get(i, ()))) for i, p in enumerate(selected)]
+                own.setdefault(i, {})[rid] = done[rid]
+    return [Partition(p.index, p.sources, own.get(i, {})) for i, p in enumerate(selected)]
 
 
 def run_ray(
     job: RayJob,
     sources: Sequence[Source],
-    done: set[str],
+    done: Mapping[str, str],
     output: RunOutput,
     ray_address: str | None,
     files_per_partition: int = PARTITION_FILES,
@@ -280,8 +276,12 @@ class RemoteOut:
         self._staging = tempfile.TemporaryDirectory(prefix="ipa-export-out-")
         self.staging = Path(self._staging.name)
 
-    def prepare(self, identity: Mapping[str, Any], keys: Sequence[str], overwrite: bool) -> set[str]:
-        """Check the directory against the run ``identity`` (``keys``); return the ids done."""
+    def prepare(
+        self, identity: Mapping[str, Any], keys: Sequence[str], overwrite: bool, sources: Sequence[Source]
+    ) -> dict[str, str]:
+        """Check the location against the run ``identity`` (``keys``) and the inputs' recorded
+        fingerprints (a changed input is refused: its rows cannot be rewritten in place here);
+        record both in ``_run.json``; return record id -> source of the rows done."""
         names = self.where.names()
         shards = [n for n in names if SHARD_PATTERN.fullmatch(n)]
         previous = self._json(RUN_FILE) if RUN_FILE in names else None
@@ -303,13 +303,21 @@ class RemoteOut:
                 f"--out: {self.where} holds embeddings of another run (different {', '.join(differs)}); "
                 "pass --overwrite to replace them, or a new --out location"
             )
+        recorded = {} if differs or previous is None else previous.get("inputs") or {}
+        current = {s.given: fingerprint(s.path, s.given) for s in sources}
+        if changed := changed_inputs(recorded, current.values()):
+            raise FileExistsError(
+                f"--out: {self.where}: {len(changed)} input(s) changed since they were embedded "
+                f"({', '.join(changed[:5])}); pass --overwrite to embed everything again, or a new --out location"
+            )
         for name in [*shards, RUN_FILE, ERRORS_FILE, MANIFEST_FILE] if differs else [MANIFEST_FILE]:
             (self.where / name).remove()
-        self._put(RUN_FILE, json.dumps(dict(identity), indent=2) + "\n")
-        done: set[str] = set()
+        inputs = {**recorded, **{g: {k: v for k, v in vars(f).items() if k != "given"} for g, f in current.items()}}
+        self._put(RUN_FILE, json.dumps({**identity, "inputs": inputs}, indent=2) + "\n")
+        done: dict[str, str] = {}
         for name in [] if differs else shards:
             with (self.where / name).open("rb") as f:
-                done.update(shard_ids(f))
+                done.update(shard_sources([f]))
         return done
 
     def shards(self) -> dict[str, int]:
