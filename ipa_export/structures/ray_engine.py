@@ -148,7 +148,8 @@ def embed_partition(job: RayJob, partition: Partition) -> bytes:
     with tempfile.TemporaryDirectory(prefix="ipa-export-shard-") as tmp:
         staging = Path(tmp) if out.local is None else out.local  # a remote shard is written here, then put
         writer = _PartitionWriter(staging, job.schema, partition.shard, failures)
-        with RunOutput(staging, job.schema, sys.maxsize, 0, summary, False, partition.done, writer, failures) as output:  # type: ignore[arg-type]
+        errors: Any = failures  # an ErrorLog's add/close
+        with RunOutput(staging, job.schema, sys.maxsize, 0, summary, False, partition.done, writer, errors) as output:
             job.run(encoder, partition.sources, partition.done, output, node_source, job.batching, False)
         if out.local is None and summary.records:
             (out / partition.shard).put(staging / partition.shard)
@@ -201,12 +202,13 @@ def run_ray(
     files_per_partition: int = PARTITION_FILES,
 ) -> None:
     """Run the job on Ray (``ray_address``: an existing cluster; None: the instance already
-    initialised in this process, or a new one on this machine). Failures go to ``output``; its
+    initialised in this process, the cluster of ``RAY_ADDRESS``, or a new one on this machine). Failures go to ``output``; its
     summary gets the counts and ``driver_bytes`` (bytes of task results received)."""
     ray = _ray()
     started = not ray.is_initialized()
-    if started:
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+    if started:  # a new local instance unless an address is given (or RAY_ADDRESS, as in a Ray job)
+        address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
         device = dict(job.load).get("device") or "cpu"
         gpu = str(device).startswith("cuda")
