@@ -180,9 +180,10 @@ def test_object_store_out_is_checked_and_resumed_like_a_directory(tmp_path):
     assert done == {rid: row["source"] for rid, row in records(local).items()}
     run = json.loads(memory.cat_file("/out/_run.json"))
     assert {k: run[k] for k in identity} == identity and not memory.exists("/out/_manifest.json")
-    assert run["inputs"][str(tree / "c0_1ahsA.pdb.gz")]["sha256"] == hashlib.sha256(
-        (tree / "c0_1ahsA.pdb.gz").read_bytes()
-    ).hexdigest()
+    assert (
+        run["inputs"][str(tree / "c0_1ahsA.pdb.gz")]["sha256"]
+        == hashlib.sha256((tree / "c0_1ahsA.pdb.gz").read_bytes()).hexdigest()
+    )
 
     shutil.copy(STRUCTURES / "3a4rA.pdb.gz", tree / "c0_1ahsA.pdb.gz")  # an input changed since
     with pytest.raises(FileExistsError, match=r"1 input\(s\) changed since they were embedded .*c0_1ahsA.pdb.gz"):
@@ -294,16 +295,23 @@ def test_a_worker_node_removed_mid_run_is_retried_elsewhere(tmp_path, ray_loopba
         ray.init(address=cluster.address, log_to_driver=False)
         out = tmp_path / "out"  # written as the URL local://...: the object-store code path, on this disk
         result: dict = {}
-        run = threading.Thread(target=lambda: result.update(summary=embed_corpus(
-            SHIPPED, [tree], f"local://{out}", batch_size=2, shard_size=2, engine="ray")))  # fmt: skip
+
+        def embed() -> None:
+            try:
+                result["summary"] = embed_corpus(SHIPPED, [tree], f"local://{out}", batch_size=2, shard_size=2,
+                                                 engine="ray")  # fmt: skip
+            except Exception as error:  # shown by the assertions below
+                result["error"] = error
+
+        run = threading.Thread(target=embed)
         run.start()
         deadline = time.monotonic() + 300
-        while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
+        while not list(out.glob("part-*.parquet")) and run.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert run.is_alive(), "the run should still be going when the node is removed"
+        assert run.is_alive(), f"the run should still be going when the node is removed: {result}"
         cluster.remove_node(workers[1])
         run.join(timeout=600)
-        assert "summary" in result, "the run did not complete after the node was removed"
+        assert "summary" in result, f"the run did not complete after the node was removed: {result}"
     finally:
         ray.shutdown()
         cluster.shutdown()

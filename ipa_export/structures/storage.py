@@ -113,6 +113,7 @@ class Location:
     def put(self, source: Path) -> None:
         """Publish the local file ``source`` here whole (remote locations only: one put)."""
         assert self.fs is not None, "local locations are written with export.files.atomic_file"
+        self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)  # a local:// directory; object stores have none
         self.fs.put_file(str(source), self.path)
 
     def remove(self) -> None:
