@@ -32,8 +32,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .._version import __version__
-from ..config import ConfigCompatibilityError
-from ..errors import InputError
+from ..dtypes import DTYPE_NAMES
+from ..errors import ConfigCompatibilityError, InputError
 from .card import render_model_card
 from .files import atomic_directory
 
@@ -47,8 +47,8 @@ EXPORT_NAMES = (*EXPORT_FILES, "compile_cache")
 MAX_CONFIG_BYTES = 1 << 20  #: config.json is refused unread beyond this size
 MAX_HEADER_BYTES = 16 << 20  #: the safetensors header (tensor names, shapes, metadata) likewise
 SHOWN_TENSOR_PROBLEMS = 3  #: tensor lines listed after the config fields that explain them
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+#: the dtypes an export may store, by the canonical name ``config.json`` writes (:mod:`ipa_export.dtypes`)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,8 @@ def read_header(
             fields, larger = _field_problems(model_class, config, stored)
             # A few tensors follow the fields they explain, unless the config claims more than
             # the header holds: no model (even on the meta device) is built for such a config.
-            tensors_wrong = [] if larger else _tensor_problems(model_class, config, _SAFETENSORS_DTYPES[dtype], stored)
+            code = DTYPE_NAMES[dtype].safetensors
+            tensors_wrong = [] if larger else _tensor_problems(model_class, config, code, stored)
             if fields and len(tensors_wrong) > SHOWN_TENSOR_PROBLEMS:
                 more = len(tensors_wrong) - SHOWN_TENSOR_PROBLEMS
                 tensors_wrong = tensors_wrong[:SHOWN_TENSOR_PROBLEMS] + [f"... and {more} more tensor(s)"]
@@ -225,9 +226,12 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str
         prefix = f.read(8)
     length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
     if length is not None and length > MAX_HEADER_BYTES:
-        raise InputError(
-            f"{path}: not a valid safetensors file (its header claims {length:,} bytes; at most "
-            f"{MAX_HEADER_BYTES:,} are read)"
+        raise ConfigCompatibilityError(
+            [
+                f"{path}: not a valid safetensors file (its header claims {length:,} bytes, more than the "
+                f"{MAX_HEADER_BYTES:,} an export's header may have)"
+            ],
+            context="export",
         )
     try:
         with safe_open(path, framework="pt") as f:

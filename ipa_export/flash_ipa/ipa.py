@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ATTN_DTYPES, EncoderConfig
+from ..config import EncoderConfig, attn_dtype_name
 from ..errors import InputError, InputTypeError
 from ..model import ipa as ours
 from ..model.attention import resolve_backend
@@ -32,7 +32,9 @@ class IPAConfig:
     ``num_blocks`` have no effect on the IPA (the last three configure flash_ipa's model)."""
 
     use_flash_attn: bool = True
-    attn_dtype: str = "bf16"  #: "fp16", "bf16" or "fp32": attention precision of the flash path
+    #: attention precision of the flash path: "fp16", "bf16" or "fp32" (or another name of these
+    #: dtypes in :mod:`ipa_export.dtypes`, or the torch.dtype)
+    attn_dtype: str = "bf16"
     use_packed: bool = True
     c_s: int = 256
     c_z: int = 128  #: pair width; 0 for the no_bias modes
@@ -69,8 +71,7 @@ class InvariantPointAttention(ours.InvariantPointAttention):
     accepted and has no effect (masked keys get weight exactly 0); ``eps`` must be its default."""
 
     def __init__(self, ipa_conf: IPAConfig, inf: float = 1e5, eps: float = ours.POINT_NORM_EPS):
-        if ipa_conf.attn_dtype not in ATTN_DTYPES:
-            raise InputError(f"attn_dtype: must be one of {list(ATTN_DTYPES)}, got {ipa_conf.attn_dtype!r}")
+        attn_dtype = attn_dtype_name(ipa_conf.attn_dtype)
         if ipa_conf.c_z < 0 or ipa_conf.z_factor_rank < 0:
             raise InputError(f"c_z, z_factor_rank: must be >= 0, got {ipa_conf.c_z}, {ipa_conf.z_factor_rank}")
         if eps != ours.POINT_NORM_EPS:
@@ -82,7 +83,7 @@ class InvariantPointAttention(ours.InvariantPointAttention):
             no_qk_points=ipa_conf.no_qk_points,
             no_v_points=ipa_conf.no_v_points,
             attention="auto" if ipa_conf.use_flash_attn else "dense",
-            attn_dtype=ipa_conf.attn_dtype if ipa_conf.use_flash_attn else "fp32",
+            attn_dtype=attn_dtype if ipa_conf.use_flash_attn else "fp32",
         )
         super().__init__(config, c_z=ipa_conf.c_z)
         self._init_as_flash_ipa()

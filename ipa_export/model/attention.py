@@ -31,7 +31,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     flash_attn_with_kvcache = None
 
 FLASH_HEAD_DIM_LIMIT = 256
-ATTN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def flash_attn_available() -> bool:

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import EncoderConfig
+from ..dtypes import parse_dtype
 from . import frames
-from .attention import ATTN_DTYPES, attend, concat_padded, head_sizes
+from .attention import attend, concat_padded, head_sizes
 from .low_precision import anchored_attention, point_terms
 from .pair_attention import attend_with_pair
 
@@ -50,7 +51,7 @@ class InvariantPointAttention(nn.Module):
         self.c_z = c_z
         self.c_hidden, self.heads = hidden, heads
         self.qk_points, self.v_points = config.no_qk_points, config.no_v_points
-        self.attn_dtype = ATTN_DTYPES[config.attn_dtype]
+        self.attn_dtype = parse_dtype(config.attn_dtype)
         self.linear_q = nn.Linear(c_s, heads * hidden)
         self.linear_kv = nn.Linear(c_s, 2 * heads * hidden)
         self.linear_q_points = nn.Linear(c_s, heads * self.qk_points * 3)
