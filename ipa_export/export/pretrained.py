@@ -110,8 +110,8 @@ class ExportMixin:
 
         ``device``: where to load the weights (``"cpu"``, ``"cuda:0"``, ...; checked to exist).
         ``dtype`` (alias ``torch_dtype``, as in transformers): a floating ``torch.dtype`` or its
-        name (``"bfloat16"``, ``"bf16"``, ...: :mod:`ipa_export.dtypes`) to cast the weights to; ``"auto"`` or None keeps
-        the stored dtype. ``expected`` lists config values the caller was built for, e.g.
+        name (``"bfloat16"``, ``"bf16"``, ...: :mod:`ipa_export.dtypes`) to cast the weights to;
+        ``"auto"`` or None keeps the stored dtype. ``expected`` lists config values the caller was built for, e.g.
         ``{"c_s": 384}``; ``config_overrides`` replaces stored config values that do not change
         the weights. The export's directory is kept as ``model.export_directory``.
         """

@@ -19,11 +19,12 @@ from torch import nn
 from ..config import EncoderConfig, attn_dtype_name
 from ..errors import InputError, InputTypeError
 from ..model import ipa as ours
-from ..model.attention import resolve_backend
-from ..model.validation import Shapes, check_not_empty, check_values
+from ..model.attention import backend_for
+from ..model.validation import Shapes, check_stack_inputs
 from .edge_embedder import as_mask
 
 TRUNCATED_NORMAL_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+IPA_NAMES = {"s": "s", "rotations": "r rotations", "translations": "r translations", "mask": "mask"}
 
 
 @dataclass
@@ -89,7 +90,7 @@ class InvariantPointAttention(ours.InvariantPointAttention):
         self._init_as_flash_ipa()
         self._ipa_conf = ipa_conf
         self.use_flash_attn = ipa_conf.use_flash_attn
-        self._attention, self._attn_dtype_name = config.attention, config.attn_dtype
+        self._encoder_config = config
 
     def _init_as_flash_ipa(self) -> None:
         """flash_ipa's (OpenFold's) initialisation: LeCun-normal weights (normal truncated at two
@@ -124,14 +125,9 @@ class InvariantPointAttention(ours.InvariantPointAttention):
         rotations, translations = rigid_tensors(r)
         mask = as_mask("mask", mask)
         shapes = Shapes(c_s=self._ipa_conf.c_s, c_z=self.c_z, R=self._ipa_conf.z_factor_rank)
-        shapes.check("s", s, ("B", "N", "c_s"))
-        shapes.check("r rotations", rotations, ("B", "N", 3, 3))
-        shapes.check("r translations", translations, ("B", "N", 3))
-        shapes.check("mask", mask, ("B", "N"), dtype="bool")
-        check_not_empty(mask)
-        check_values(mask, **{"r rotations": rotations, "r translations": translations})
+        check_stack_inputs(shapes, s, rotations, translations, mask, names=IPA_NAMES)
         pair, z_f1, z_f2 = self._pair_inputs(s, shapes, z, z_factor_1, z_factor_2)
-        backend = resolve_backend(self._attention, s.device, self._attn_dtype_name, torch.is_grad_enabled())
+        backend = backend_for(self._encoder_config, s.device)
         out = super().forward(s, rotations, translations, z_f1, z_f2, mask, backend, pair=pair)
         return torch.where(mask[..., None], out, 0.0)
 

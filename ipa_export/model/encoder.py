@@ -13,7 +13,7 @@ from ..config import EncoderConfig
 from ..errors import InputError
 from ..export.compile_cache import load_export_compile_cache
 from ..export.pretrained import ExportMixin
-from .attention import resolve_backend
+from .attention import backend_for
 from .compiling import CompiledEncoder, compile_encoder
 from .edge_embedder import EdgeEmbedder, residue_positions
 from .frames import Frames, identity_rotations, masked_mean
@@ -144,7 +144,7 @@ class IPAEncoder(ExportMixin, nn.Module):
         """The attention backend that ``config.attention`` resolves to on ``device``
         (default: the encoder's device) in the current grad mode."""
         device = torch.device(device) if device is not None else next(self.parameters()).device
-        return resolve_backend(self.config.attention, device, self.config.attn_dtype, torch.is_grad_enabled())
+        return backend_for(self.config, device)
 
     def embed_residues(self, aatype: torch.Tensor) -> torch.Tensor:
         """Residue types [...] int64 -> node embeddings [..., c_s] from the export's table."""
