@@ -77,7 +77,7 @@ class FlashIPAModuleConfig:
 
 
 class EdgeEmbedderAdapter(nn.Module):
-    """BINDRAE's ``EdgeEmbedderAdapter`` over the native :class:`EdgeEmbedder`."""
+    """BINDRAE's ``EdgeEmbedderAdapter`` over this package's :class:`EdgeEmbedder`."""
 
     def __init__(self, config: ProjectEdgeConfig):
         super().__init__()
