@@ -3,7 +3,7 @@
 
 ``config.json``::
 
-    {"architecture": "IPAEncoder", "format_version": 2, "ipa_export_version": "0.2.0",
+    {"architecture": "IPAEncoder", "format_version": 2, "ipa_export_version": "0.3.0",
      "dtype": "float32", "config": {<every config field>}}
 
 :func:`read_header` checks the config and the safetensors header against each other and
