@@ -9,8 +9,8 @@ from .bindrae.adapter import (
     create_edge_embedder,
     create_flashipa_module,
 )
-from .config import ConfigCompatibilityError, EncoderConfig
-from .errors import CoordinateScaleWarning, FrozenModuleWarning
+from .config import EncoderConfig
+from .errors import ConfigCompatibilityError, CoordinateScaleWarning, FrozenModuleWarning
 from .model.edge_embedder import EdgeEmbedder
 from .model.encoder import EncoderOutput, EncoderOutputWithHiddenStates, HiddenStates, IPAEncoder
 from .model.frames import Frames

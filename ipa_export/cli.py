@@ -23,6 +23,7 @@ import torch
 from ._version import __version__
 from .errors import CheckFailedError, InputError, IPAExportError
 from .structures.corpus import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, DEFAULT_OUTPUTS, DEFAULT_SHARD_SIZE
+from .structures.reader import DEFAULT_MAX_STRUCTURE_BYTES
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_BROKEN_PIPE = 128 + 13  # killed by SIGPIPE, what other Unix tools report
@@ -135,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="node embeddings keyed by record id: a directory of <id>.safetensors/.pt, or one .safetensors or "
         ".parquet (columns id, node_embed) file (default: the export's residue-type table)",
+    )
+    p.add_argument(
+        "--max-structure-bytes",
+        type=int,
+        default=DEFAULT_MAX_STRUCTURE_BYTES,
+        metavar="N",
+        help=f"a structure with more text (after gzip decompression) is an error record "
+        f"(default {DEFAULT_MAX_STRUCTURE_BYTES:,})",
     )
     p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", help="model dtype, e.g. float32, bfloat16")
@@ -306,7 +315,8 @@ def run_embed(args: argparse.Namespace) -> int:
             args.export, args.inputs, args.out, manifest=args.manifest, chain=args.chain,
             outputs=[o.strip() for o in args.outputs.split(",") if o.strip()], max_tokens=args.max_tokens,
             batch_size=args.batch_size, max_length=args.max_length, shard_size=args.shard_size,
-            node_embed=args.node_embed, device=args.device, dtype=args.dtype, attention=args.attention,
+            node_embed=args.node_embed, max_structure_bytes=args.max_structure_bytes, device=args.device,
+            dtype=args.dtype, attention=args.attention,
             compile=args.compile, overwrite=args.overwrite, fail_fast=args.fail_fast, engine=args.engine,
             ray_address=args.ray_address, progress=False if args.quiet else None,
         )  # fmt: skip

@@ -357,3 +357,23 @@ def test_validate_fails_on_non_finite_outputs_of_finite_weights(tmp_path, capsys
     export = encoder.save_pretrained(tmp_path / "export")
     assert main(["validate", str(export)]) == 1
     assert "max deviation inf (tolerance 0.001): FAILED" in capsys.readouterr().out
+
+
+def test_duplicate_keys_in_config_json_are_refused_by_name(saved):
+    text = (saved / "config.json").read_text()
+    twice = text.replace('"max_trans_update":', '"max_trans_update": 99.0, "max_trans_update":', 1)
+    (saved / "config.json").write_text(twice)
+    assert load_problems(saved) == ["config.json: key 'max_trans_update' appears twice in one object"]
+    (saved / "config.json").write_text(text[:-2] + ', "config": {}}\n')
+    assert load_problems(saved) == ["config.json: key 'config' appears twice in one object"]
+
+
+def test_a_version_1_export_holding_both_tensor_name_schemes_is_refused(saved):
+    weights = load_file(saved / "model.safetensors")
+    both = weights | {k.replace("edge_embedder.edge_embedder.", "edge_embedder.mlp."): v + 1 for k, v in weights.items()
+                      if k.startswith("edge_embedder.edge_embedder.")}  # fmt: skip
+    save_file(both, saved / "model.safetensors", metadata={"format": "pt", "architecture": "IPAEncoder"})
+    edit_config(saved, lambda c: c.update(format_version=1))
+    problems = load_problems(saved)
+    assert problems[0].startswith("model.safetensors: holds tensors under both the version 1 name")
+    assert "edge_embedder.mlp.0.bias" in problems[0] and "edge_embedder.edge_embedder.0.bias" in problems[0]

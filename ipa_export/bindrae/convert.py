@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..config import ConfigCompatibilityError, EncoderConfig
-from ..errors import CheckFailedError, InputError
+from ..config import EncoderConfig
+from ..errors import CheckFailedError, ConfigCompatibilityError, InputError
 from ..export.format import (
     CONFIG_NAME,
     WEIGHTS_NAME,

@@ -165,7 +165,13 @@ def read_header(
             problems += [f"config.{p}" for p in error.problems]
     if config is not None:
         problems += _expected_problems(config, expected or {})
-        if dtype in DTYPES:
+        if version == 1 and (both := sorted(k for k in tensors if _v1_to_v2(k) != k and _v1_to_v2(k) in tensors)):
+            shown = ", ".join(f"{k} and {_v1_to_v2(k)}" for k in both[:3]) + (" ..." if len(both) > 3 else "")
+            problems.append(
+                f"{WEIGHTS_NAME}: holds tensors under both the version 1 name and the version 2 name ({shown}); "
+                "a format_version 1 export names them edge_embedder.mlp.* only"
+            )
+        elif dtype in DTYPES:
             stored = tensors if version != 1 else {_v1_to_v2(k): v for k, v in tensors.items()}
             fields, larger = _field_problems(model_class, config, stored)
             # A few tensors follow the fields they explain, unless the config claims more than
@@ -209,7 +215,11 @@ def _read_config_json(path: Path) -> dict[str, Any]:
         )
     try:
         with open(path, "rb") as f:
-            raw = json.loads(f.read(MAX_CONFIG_BYTES + 1))
+            raw = json.loads(f.read(MAX_CONFIG_BYTES + 1), object_pairs_hook=_unique_keys)
+    except _DuplicateKeyError as error:
+        raise ConfigCompatibilityError(
+            [f"{CONFIG_NAME}: key {error.args[0]!r} appears twice in one object"], context="export"
+        ) from None
     except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError, a 5,000-digit number
         raise ConfigCompatibilityError([f"{CONFIG_NAME}: not valid JSON ({error})"], context="export") from error
     except RecursionError as error:
@@ -219,6 +229,19 @@ def _read_config_json(path: Path) -> dict[str, Any]:
             [f"{CONFIG_NAME}: expected a JSON object, got {type(raw).__name__}"], context="export"
         )
     return raw
+
+
+class _DuplicateKeyError(Exception):
+    """A JSON object with one key twice (``json`` would keep the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise _DuplicateKeyError(key)
+        value[key] = item
+    return value
 
 
 def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:

@@ -33,7 +33,7 @@ from ..config import EncoderConfig
 from ..dtypes import parse_dtype
 from . import frames
 from .attention import attend, concat_padded, head_limited, head_sizes
-from .low_precision import anchored_attention, point_terms
+from .low_precision import anchored_attention, compensated_product, point_terms
 from .pair_attention import attend_with_pair
 
 POINT_NORM_EPS = 1e-8
@@ -110,8 +110,9 @@ class InvariantPointAttention(nn.Module):
         q = q / math.sqrt(3 * hidden)
         v_pair = pair_2.flatten(-2)[:, :, None].expand(-1, -1, heads, -1)  # [B, N, H, R c_z/4]
         if pair is None and self.attn_dtype.itemsize < 4:
+            b1_terms, b2_terms = compensated_product(b1, b2, self.attn_dtype)  # the pair bias b1.b2 is large
             scalar, o_pts = anchored_attention(
-                torch.cat([q, b1], dim=-1), torch.cat([k, b2], dim=-1), q_pts, k_pts, weight,
+                torch.cat([q, *b1_terms], dim=-1), torch.cat([k, *b2_terms], dim=-1), q_pts, k_pts, weight,
                 torch.cat([v, v_pair], dim=-1), v_pts - translations[:, :, None, None], translations, mask,
                 self.attn_dtype, backend,
             )  # fmt: skip
