@@ -24,7 +24,6 @@ from ..model.stack import FlashIPAStack
 from ..model.validation import Shapes, check_stack_inputs, check_structure_inputs
 from .keys import STAGE1_EDGE, STAGE1_IPA, stage1_modules
 
-
 MODULE_NAMES = {"s": "s", "rotations": "frames.rotations", "translations": "frames.translations", "mask": "mask"}
 
 
