@@ -124,6 +124,12 @@ def head_sizes(qk_width: int, v_width: int, limited: bool) -> tuple[int, int]:
     return head, chunk
 
 
+def padded_value_width(v_width: int, head: int, chunk: int) -> int:
+    """The width a value of ``v_width`` channels has once :func:`attend` has padded it (``head``,
+    ``chunk`` from :func:`head_sizes`): written at that width, attend copies nothing."""
+    return head if chunk >= v_width else -(-v_width // chunk) * chunk
+
+
 def concat_padded(parts: list[torch.Tensor], width: int) -> torch.Tensor:
     """Concatenate ``parts`` on the last axis, zero-padded to ``width`` (e.g. a :func:`head_sizes`
     size, so that :func:`attend` need not copy it again)."""
