@@ -150,7 +150,8 @@ class IPAEncoder(ExportMixin, nn.Module):
         """Residue types [...] int64 -> node embeddings [..., c_s] from the export's table."""
         if not self.config.num_residue_types:
             raise InputError(
-                "this encoder has no residue-type embedding table (config.num_residue_types is 0); "
+                "this encoder has no residue-type embedding table (config.num_residue_types is 0; `ipa-export "
+                "convert --residue-embedding-seed SEED` adds an untrained one, for demos); "
                 "pass node embeddings [N, c_s] instead"
             )
         return self.residue_embedding(aatype)

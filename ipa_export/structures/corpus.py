@@ -129,7 +129,8 @@ def embed_corpus(
     if node_source is None and not encoder.config.num_residue_types:
         raise InputError(
             "--node-embed: required, because this export has no residue-type embedding table "
-            "(config.num_residue_types is 0); pass per-chain embeddings keyed by record id (e.g. ESM-2 + adapter)"
+            "(config.num_residue_types is 0); pass per-chain embeddings keyed by record id (e.g. ESM-2 + adapter), "
+            "or convert the checkpoint with --residue-embedding-seed SEED (an untrained table, for demos)"
         )
     identity = run_identity(export, encoder, outputs, node_embed)
     config = encoder.config
