@@ -18,6 +18,7 @@ version 1 called it ``edge_embedder.mlp.*`` and is read through :data:`V1_RENAME
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -164,7 +165,7 @@ def read_header(
         except ConfigCompatibilityError as error:
             problems += [f"config.{p}" for p in error.problems]
     if config is not None:
-        problems += _expected_problems(config, expected or {})
+        problems += unmet_expectations(config, expected or {})
         if version == 1 and (both := sorted(k for k in tensors if _v1_to_v2(k) != k and _v1_to_v2(k) in tensors)):
             shown = ", ".join(f"{k} and {_v1_to_v2(k)}" for k in both[:3]) + (" ..." if len(both) > 3 else "")
             problems.append(
@@ -284,13 +285,18 @@ def _field_problems(
     return problems + malformed, bool(malformed) or larger
 
 
-def _expected_problems(config: Any, expected: Mapping[str, Any]) -> list[str]:
-    problems = []
+def unmet_expectations(config: Any, expected: Mapping[str, Any]) -> list[str]:
+    """One problem per ``expected`` field the config does not have (unknown fields first, with
+    the closest field names) or holds another value of."""
     values = config.to_dict()
-    for key, want in expected.items():
+    problems = []
+    for key in expected:
         if key not in values:
-            problems.append(f"expected.{key}: unknown config field")
-        elif values[key] != want:
+            close = difflib.get_close_matches(key, values, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"expected.{key}: unknown config field{hint}")
+    for key, want in expected.items():
+        if key in values and values[key] != want:
             problems.append(f"{key}: the caller expects {want!r}, the export has {values[key]!r}")
     return problems
 

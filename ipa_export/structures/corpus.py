@@ -29,6 +29,13 @@ from ..export.files import atomic_file, remove_files
 from .batching import LengthBucketer
 from .inputs import Source, collect_sources
 from .node_embed import NodeEmbedSource, open_node_embed
+from .options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_STRUCTURE_BYTES,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_OUTPUTS,
+    DEFAULT_SHARD_SIZE,
+)
 from .pipeline import (
     FILE_DONE,
     Batching,
@@ -41,7 +48,6 @@ from .pipeline import (
     node_embeddings,
     parse_sources,
 )
-from .reader import DEFAULT_MAX_STRUCTURE_BYTES
 from .run_state import changed_inputs, fingerprint, output_lock
 from .shards import (
     ERRORS_FILE,
@@ -61,10 +67,6 @@ __all__ = ["DEFAULT_OUTPUTS", "EmbedFailure", "EmbedSummary", "embed_corpus"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUTPUTS = ("s", "rotations", "translations", "s_mean")
-DEFAULT_MAX_TOKENS = 8192  #: padded residues per batch (batch size x longest chain)
-DEFAULT_BATCH_SIZE = 64
-DEFAULT_SHARD_SIZE = 1000
 LOG_EVERY_S = 30.0  #: progress log interval when no progress bar is shown
 _IDENTITY_KEYS = ("weights_sha256", "config_sha256", "dtype", "outputs", "node_embed")
 
