@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,8 +58,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except (IPAExportError, OSError) as error:  # the package's own errors; files that cannot be read or written
-        print(f"ipa-export {args.command}: error: {error}", file=sys.stderr)
+        print(f"ipa-export {args.command}: error: {in_flags(str(error), parser, args.command)}", file=sys.stderr)
         return EXIT_CHECK_FAILED if isinstance(error, CheckFailedError) else EXIT_BAD_INPUT
+
+
+def in_flags(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """A library message worded by parameter name (``device: ...``, ``pass device='cpu'``) in the
+    command's flags (``--device: ...``, ``pass --device cpu``)."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices[command]._actions:
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        if flag is None or flag == "--help":
+            continue
+        name = re.escape(action.dest)
+        message = re.sub(rf"(?<![\w.-]){name}='([^']*)'", rf"{flag} \1", message)
+        message = re.sub(rf"^{name}:", f"{flag}:", message)
+    return message
 
 
 def refuse_unknown_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:

@@ -204,3 +204,19 @@ def test_ctrl_c_is_one_line_with_the_resume_hint_and_the_rerun_resumes(tmp_path)
     assert subprocess.run(command, timeout=300).returncode == 0
     assert len(list(load_embeddings(out, columns=["id"]))) == len(inputs)
     assert os.listdir(out)  # the resumed run completed the directory
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_errors_name_flags_not_python_parameters(capsys, tmp_path):
+    code, _, err = run(capsys, "embed", SHIPPED, STRUCTURE, "--out", tmp_path / "o", "--device", "cuda")
+    assert code == 2
+    assert err.startswith("ipa-export embed: error: --device: 'cuda' is not available here")
+    assert "pass --device cpu," in err and "device='cpu'" not in err
+
+
+def test_inspect_of_a_directory_that_is_not_an_export_says_so(capsys):
+    code, _, err = run(capsys, "inspect", STRUCTURES)
+    assert code == 2 and err.strip() == (
+        f"ipa-export inspect: error: {STRUCTURES}: not an export (no config.json, no model.safetensors); "
+        "an export is what save_pretrained or `ipa-export convert` writes"
+    )

@@ -202,6 +202,11 @@ def _export_file(directory: Path, name: str) -> Path:
         if not any(os.path.commonpath([root, real]) == root for root in roots):
             raise InputError(f"{path}: refused: a symbolic link out of the export directory (to {real})")
     if not path.is_file():
+        if not any((directory / known).exists() for known in (CONFIG_NAME, WEIGHTS_NAME)):
+            raise FileNotFoundError(
+                f"{directory}: not an export (no {CONFIG_NAME}, no {WEIGHTS_NAME}); an export is what "
+                "save_pretrained or `ipa-export convert` writes"
+            )
         raise FileNotFoundError(f"{path}: missing from the export, or not a regular file")
     return path
 
@@ -286,17 +291,16 @@ def _field_problems(
 
 
 def unmet_expectations(config: Any, expected: Mapping[str, Any]) -> list[str]:
-    """One problem per ``expected`` field the config does not have (unknown fields first, with
-    the closest field names) or holds another value of."""
+    """One problem per ``expected`` field the config does not have (with the closest field name)
+    or holds another value of."""
     values = config.to_dict()
     problems = []
-    for key in expected:
+    for key, want in expected.items():
         if key not in values:
             close = difflib.get_close_matches(key, values, n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"expected.{key}: unknown config field{hint}")
-    for key, want in expected.items():
-        if key in values and values[key] != want:
+        elif values[key] != want:
             problems.append(f"{key}: the caller expects {want!r}, the export has {values[key]!r}")
     return problems
 
