@@ -19,6 +19,15 @@ class InputError(IPAExportError, ValueError):
     """An argument, file content or config value that cannot be used."""
 
 
+class ConfigCompatibilityError(InputError):
+    """A config (or export) that this package cannot use. ``problems`` lists each one,
+    each naming its field or file."""
+
+    def __init__(self, problems: list[str], context: str = "config"):
+        self.problems = list(problems)
+        super().__init__(f"incompatible {context}:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
 class InputTypeError(IPAExportError, TypeError):
     """An argument of the wrong type or dtype."""
 
@@ -31,8 +40,18 @@ class UnsupportedError(IPAExportError, RuntimeError):
     """A requested feature that cannot run here (e.g. flash-attn without CUDA)."""
 
 
-class HubError(IPAExportError, ConnectionError):
-    """The Hugging Face Hub could not be reached, or refused the request."""
+class HubError(IPAExportError, OSError):
+    """A Hugging Face Hub download or upload that failed: one of the two kinds below."""
+
+
+class HubNotFoundError(HubError, FileNotFoundError):
+    """A download that found no export: the repository, revision or files do not exist on the
+    Hub, or are not in the local cache while offline (``HF_HUB_OFFLINE=1``, ``local_files_only``)
+    or while the Hub cannot be reached."""
+
+
+class HubConnectionError(HubError, ConnectionError):
+    """The Hub could not be reached, or refused the request (e.g. an upload without write access)."""
 
 
 class ClusterError(IPAExportError, RuntimeError):

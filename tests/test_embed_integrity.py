@@ -233,6 +233,25 @@ def test_a_second_run_into_a_locked_directory_fails_at_start_and_a_dead_holder_d
     assert [r["id"] for r in load_embeddings(out)] == ["3a4rA_A"]
 
 
+@pytest.mark.slow
+def test_two_concurrent_embeds_into_one_out_lose_nothing(tmp_path):
+    # Two real processes race for one --out: one is refused at start naming the other's pid, or
+    # (if the first finished before the second began) the second resumes; every record is kept.
+    import subprocess
+    import sys
+
+    out, inputs = tmp_path / "out", [str(STRUCTURES / name) for name in ("3a4rA.pdb.gz", "1ahsA.pdb.gz", "2xcjA.cif")]
+    command = [sys.executable, "-m", "ipa_export", "embed", str(SHIPPED), *inputs, "--out", str(out), "--quiet"]
+    runs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+    codes = sorted(code for code, _ in results)
+    assert codes in ([0, 0], [0, 2]), results
+    if codes == [0, 2]:
+        refused = next(stderr for code, stderr in results if code == 2)
+        assert f"another embed is writing {out} (pid " in refused
+    assert sorted(r["id"] for r in load_embeddings(out)) == ["1ahsA_A", "2xcjA_A", "3a4rA_A"]
+
+
 # --- ids unique by construction -----------------------------------------------------------------
 
 

@@ -206,6 +206,17 @@ def test_oversized_and_deeply_nested_config_json(saved):
     assert load_problems(saved)[0].startswith("config.json: not valid JSON")
 
 
+def test_oversized_safetensors_header_is_the_same_error_as_an_oversized_config(saved):
+    """Both files are refused unread beyond their limit, as one ConfigCompatibilityError naming the file."""
+    path = saved / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes((32 << 20).to_bytes(8, "little") + data[8:])
+    assert load_problems(saved) == [
+        f"{path}: not a valid safetensors file (its header claims 33,554,432 bytes, more than the "
+        "16,777,216 an export's header may have)"
+    ]
+
+
 def test_limits_are_raised_explicitly_and_the_header_is_compared_before_any_model_is_built(saved):
     edit_config(saved, lambda c: c["config"].update(depth=10**6))
     with raised_limits(depth=10**6):  # would take minutes and GBs if a (meta) model were built

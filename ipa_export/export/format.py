@@ -3,7 +3,7 @@
 
 ``config.json``::
 
-    {"architecture": "IPAEncoder", "format_version": 2, "ipa_export_version": "0.2.0",
+    {"architecture": "IPAEncoder", "format_version": 2, "ipa_export_version": "0.3.0",
      "dtype": "float32", "config": {<every config field>}}
 
 :func:`read_header` checks the config and the safetensors header against each other and
@@ -18,6 +18,7 @@ version 1 called it ``edge_embedder.mlp.*`` and is read through :data:`V1_RENAME
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -32,8 +33,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .._version import __version__
-from ..config import ConfigCompatibilityError
-from ..errors import InputError
+from ..dtypes import DTYPE_NAMES
+from ..errors import ConfigCompatibilityError, InputError
 from .card import render_model_card
 from .files import atomic_directory
 
@@ -47,8 +48,8 @@ EXPORT_NAMES = (*EXPORT_FILES, "compile_cache")
 MAX_CONFIG_BYTES = 1 << 20  #: config.json is refused unread beyond this size
 MAX_HEADER_BYTES = 16 << 20  #: the safetensors header (tensor names, shapes, metadata) likewise
 SHOWN_TENSOR_PROBLEMS = 3  #: tensor lines listed after the config fields that explain them
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+#: the dtypes an export may store, by the canonical name ``config.json`` writes (:mod:`ipa_export.dtypes`)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def read_header(
         except ConfigCompatibilityError as error:
             problems += [f"config.{p}" for p in error.problems]
     if config is not None:
-        problems += _expected_problems(config, expected or {})
+        problems += unmet_expectations(config, expected or {})
         if version == 1 and (both := sorted(k for k in tensors if _v1_to_v2(k) != k and _v1_to_v2(k) in tensors)):
             shown = ", ".join(f"{k} and {_v1_to_v2(k)}" for k in both[:3]) + (" ..." if len(both) > 3 else "")
             problems.append(
@@ -176,7 +177,8 @@ def read_header(
             fields, larger = _field_problems(model_class, config, stored)
             # A few tensors follow the fields they explain, unless the config claims more than
             # the header holds: no model (even on the meta device) is built for such a config.
-            tensors_wrong = [] if larger else _tensor_problems(model_class, config, _SAFETENSORS_DTYPES[dtype], stored)
+            code = DTYPE_NAMES[dtype].safetensors
+            tensors_wrong = [] if larger else _tensor_problems(model_class, config, code, stored)
             if fields and len(tensors_wrong) > SHOWN_TENSOR_PROBLEMS:
                 more = len(tensors_wrong) - SHOWN_TENSOR_PROBLEMS
                 tensors_wrong = tensors_wrong[:SHOWN_TENSOR_PROBLEMS] + [f"... and {more} more tensor(s)"]
@@ -200,6 +202,11 @@ def _export_file(directory: Path, name: str) -> Path:
         if not any(os.path.commonpath([root, real]) == root for root in roots):
             raise InputError(f"{path}: refused: a symbolic link out of the export directory (to {real})")
     if not path.is_file():
+        if not any((directory / known).exists() for known in (CONFIG_NAME, WEIGHTS_NAME)):
+            raise FileNotFoundError(
+                f"{directory}: not an export (no {CONFIG_NAME}, no {WEIGHTS_NAME}); an export is what "
+                "save_pretrained or `ipa-export convert` writes"
+            )
         raise FileNotFoundError(f"{path}: missing from the export, or not a regular file")
     return path
 
@@ -248,9 +255,12 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str
         prefix = f.read(8)
     length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
     if length is not None and length > MAX_HEADER_BYTES:
-        raise InputError(
-            f"{path}: not a valid safetensors file (its header claims {length:,} bytes; at most "
-            f"{MAX_HEADER_BYTES:,} are read)"
+        raise ConfigCompatibilityError(
+            [
+                f"{path}: not a valid safetensors file (its header claims {length:,} bytes, more than the "
+                f"{MAX_HEADER_BYTES:,} an export's header may have)"
+            ],
+            context="export",
         )
     try:
         with safe_open(path, framework="pt") as f:
@@ -280,12 +290,16 @@ def _field_problems(
     return problems + malformed, bool(malformed) or larger
 
 
-def _expected_problems(config: Any, expected: Mapping[str, Any]) -> list[str]:
-    problems = []
+def unmet_expectations(config: Any, expected: Mapping[str, Any]) -> list[str]:
+    """One problem per ``expected`` field the config does not have (with the closest field name)
+    or holds another value of."""
     values = config.to_dict()
+    problems = []
     for key, want in expected.items():
         if key not in values:
-            problems.append(f"expected.{key}: unknown config field")
+            close = difflib.get_close_matches(key, values, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"expected.{key}: unknown config field{hint}")
         elif values[key] != want:
             problems.append(f"{key}: the caller expects {want!r}, the export has {values[key]!r}")
     return problems

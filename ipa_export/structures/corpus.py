@@ -30,6 +30,13 @@ from ..export.files import atomic_file, remove_files
 from .batching import LengthBucketer
 from .inputs import Source, collect_sources
 from .node_embed import NodeEmbedSource, open_node_embed
+from .options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_STRUCTURE_BYTES,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_OUTPUTS,
+    DEFAULT_SHARD_SIZE,
+)
 from .pipeline import (
     FILE_DONE,
     Batching,
@@ -42,7 +49,6 @@ from .pipeline import (
     node_embeddings,
     parse_sources,
 )
-from .reader import DEFAULT_MAX_STRUCTURE_BYTES
 from .run_state import changed_inputs, fingerprint, output_lock
 from .shards import (
     ERRORS_FILE,
@@ -64,10 +70,6 @@ __all__ = ["DEFAULT_OUTPUTS", "EmbedFailure", "EmbedSummary", "embed_corpus"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUTPUTS = ("s", "rotations", "translations", "s_mean")
-DEFAULT_MAX_TOKENS = 8192  #: padded residues per batch (batch size x longest chain)
-DEFAULT_BATCH_SIZE = 64
-DEFAULT_SHARD_SIZE = 1000
 LOG_EVERY_S = 30.0  #: progress log interval when no progress bar is shown
 _IDENTITY_KEYS = ("weights_sha256", "config_sha256", "dtype", "outputs", "node_embed")
 
@@ -136,7 +138,8 @@ def embed_corpus(
     if node_source is None and not encoder.config.num_residue_types:
         raise InputError(
             "--node-embed: required, because this export has no residue-type embedding table "
-            "(config.num_residue_types is 0); pass per-chain embeddings keyed by record id (e.g. ESM-2 + adapter)"
+            "(config.num_residue_types is 0); pass per-chain embeddings keyed by record id (e.g. ESM-2 + adapter), "
+            "or convert the checkpoint with --residue-embedding-seed SEED (an untrained table, for demos)"
         )
     identity = run_identity(export, encoder, outputs, node_embed)
     config = encoder.config

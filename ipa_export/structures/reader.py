@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, MissingDependencyError
+from .options import DEFAULT_MAX_STRUCTURE_BYTES
 
 __all__ = [
     "DEFAULT_MAX_STRUCTURE_BYTES",
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 RESIDUE_TYPES: str = "ARNDCQEGHILKMFPSTWYV"  # index 0..19; 20 = unknown ("X")
 #: Largest structure text read (bytes, after gzip decompression): a bigger file is refused
 #: unparsed, so a small .gz cannot expand into gigabytes of memory.
-DEFAULT_MAX_STRUCTURE_BYTES = 256 * 1000 * 1000
 _BACKBONE = ("N", "CA", "C")
 # Protonation-state names written by MD force fields (CHARMM, AMBER); gemmi does not tabulate them.
 _FORCE_FIELD_NAMES = {
