@@ -202,8 +202,9 @@ def run_ray(
     files_per_partition: int = PARTITION_FILES,
 ) -> None:
     """Run the job on Ray (``ray_address``: an existing cluster; None: the instance already
-    initialised in this process, the cluster of ``RAY_ADDRESS``, or a new one on this machine). Failures go to ``output``; its
-    summary gets the counts and ``driver_bytes`` (bytes of task results received)."""
+    initialised in this process, the cluster of ``RAY_ADDRESS``, or a new one on this machine).
+    Failures go to ``output``; its summary gets the counts and ``driver_bytes`` (bytes of task
+    results received)."""
     ray = _ray()
     started = not ray.is_initialized()
     if started:  # a new local instance unless an address is given (or RAY_ADDRESS, as in a Ray job)
