@@ -157,7 +157,13 @@ def knn(
     and index -1. Distances are ``|x_i - x_j|`` in float32, differentiable in ``coords``.
     """
     indices = knn_indices(coords.detach(), mask, k, chunk_size)
+    return neighbour_distances(coords, indices), indices
+
+
+def neighbour_distances(coords: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``|x_i - x_j|`` [B, N, k] float32 (Angstrom) for coords [B, N, 3] and neighbour indices
+    [B, N, k] int64 (-1: no neighbour, distance ``inf``); differentiable in ``coords``."""
     coords = coords.float()
     neighbours = coords.gather(1, indices.clamp(min=0).flatten(1)[..., None].expand(-1, -1, 3))
     distances = torch.linalg.vector_norm(coords[:, :, None, :] - neighbours.unflatten(1, indices.shape[1:]), dim=-1)
-    return torch.where(indices >= 0, distances, float("inf")), indices
+    return torch.where(indices >= 0, distances, float("inf"))
