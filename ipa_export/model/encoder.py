@@ -222,7 +222,7 @@ class IPAEncoder(ExportMixin, nn.Module):
         int64 of the nearest other valid residues, nearest first, -1 for none.
 
         Pass them back as ``forward(..., neighbours=...)`` to hold the neighbour graph fixed while
-        the coordinates move (guidance, sampling steps): see the README's "Use in a generative model"."""
+        the coordinates move (guidance, sampling steps): see the README's "Inside a generative model"."""
         shapes = Shapes()
         shapes.check("translations", translations, ("B", "N", 3))
         shapes.check("node_mask", node_mask, ("B", "N"), dtype="bool")
