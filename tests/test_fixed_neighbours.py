@@ -14,10 +14,10 @@ B, N = 2, 40
 RBF = tiny_config(distance_features="rbf", num_rbf=12)
 
 
-def protein(seed: int = 0, batch: int = B):
+def protein(seed: int = 0, batch: int = B, length: int = N):
     g = torch.Generator().manual_seed(seed)
-    ca = torch.stack([random_chain(N, g) for _ in range(batch)])
-    return torch.randn(batch, N, 32, generator=g), ca, torch.ones(batch, N, dtype=torch.bool)
+    ca = torch.stack([random_chain(length, g) for _ in range(batch)])
+    return torch.randn(batch, length, 32, generator=g), ca, torch.ones(batch, length, dtype=torch.bool)
 
 
 def scan(encoder, node, ca, mask, direction, heights, neighbours=None):
@@ -46,8 +46,8 @@ def test_given_neighbours_reproduce_the_search_exactly():
 
 def test_a_1001_step_scan_with_fixed_neighbours_has_no_jumps():
     encoder = make_encoder(RBF)
-    node, ca, mask = protein(batch=1)
-    direction = torch.nn.functional.normalize(torch.randn(N, 3, generator=torch.Generator().manual_seed(1)), dim=-1)
+    node, ca, mask = protein(batch=1, length=24)
+    direction = torch.nn.functional.normalize(torch.randn(24, 3, generator=torch.Generator().manual_seed(1)), dim=-1)
     heights = torch.linspace(0, 0.5, 1001)  # each residue moves 0.5 Angstrom
     searched = torch.stack([encoder.neighbours(ca + h * direction, mask) for h in heights[::100]])
     assert (searched != searched[:1]).any(-1).sum() > 10  # the scan crosses neighbour-order changes
@@ -66,12 +66,16 @@ def test_finite_differences_match_autograd_across_a_neighbour_change():
     node, ca, mask = protein(batch=1)
     node = node.double()
     direction = torch.nn.functional.normalize(torch.randn(N, 3, generator=torch.Generator().manual_seed(1)), dim=-1)
-    # a point where the searched neighbours change within +-eps along the direction
-    eps = 1e-3
-    heights = torch.linspace(0, 3.0, 3001)
-    orders = [encoder.neighbours(ca + h * direction, mask) for h in heights]
-    change = next(i for i in range(1, len(orders)) if not torch.equal(orders[i], orders[i - 1]))
-    point = ca + (heights[change - 1] + heights[change]) / 2 * direction
+    # a point where the searched neighbours change within +-eps along the direction (bisection)
+    eps, low, high = 1e-3, 0.0, 0.5
+    start = encoder.neighbours(ca, mask)
+    assert not torch.equal(encoder.neighbours(ca + high * direction, mask), start)
+    while high - low > eps / 2:
+        middle = (low + high) / 2
+        low, high = (
+            (middle, high) if torch.equal(encoder.neighbours(ca + middle * direction, mask), start) else (low, middle)
+        )
+    point = ca + (low + high) / 2 * direction
     before, after = (encoder.neighbours(point + t * eps * direction, mask) for t in (-1, 1))
     assert not torch.equal(before, after)
     fixed = encoder.neighbours(point, mask)
