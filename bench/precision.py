@@ -25,7 +25,7 @@ The reference is computed with centring; the fp64 run without centring is printe
 
     python bench/precision.py                         # N=512, offsets 0, 40, 200, 1000 Angstrom
     python bench/precision.py --structure tests/data/structures/4ake_adk_open.pdb.gz \
-        --out bench/results/precision.txt
+        --real tests/data/golden/real/real_mid.safetensors --out bench/results/precision.txt
 """
 
 from __future__ import annotations
@@ -76,6 +76,19 @@ def one_block(compensated: bool):
         yield
     finally:
         low_precision.BLOCK, low_precision.SUB, low_precision.point_terms = saved
+
+
+@contextlib.contextmanager
+def reference_rounding():
+    """The reference's fp16 / bf16 attention, emulated: q, k and v rounded once (absolute points, no
+    centring, no blocks, no compensation), attended with fp32 accumulation as flash-attn does."""
+    saved = ipa_module.compensated_product
+    ipa_module.compensated_product = lambda b1, b2, dtype: ([b1], [b2])
+    try:
+        with no_centring(), one_block(compensated=False):
+            yield
+    finally:
+        ipa_module.compensated_product = saved
 
 
 LOW_PRECISION_VARIANTS = {
@@ -134,6 +147,58 @@ def structure_inputs(path: Path, seed: int) -> tuple[str, torch.Tensor, torch.Te
     return f"{Path(path).name} N={n} (real chain, backbone frames)", node_embed, backbone.ca[None], mask, rotations
 
 
+def real_chains(path: Path) -> list[str]:
+    """Max |x - x_fp64| over valid residues for s and translations on the chains of a real golden
+    (``tests/data/golden/real/real_mid.safetensors``: the reference's weights, every parameter
+    non-zero, and its float64 outputs)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ipa_export.bindrae.keys import checkpoint_to_encoder
+
+    tensors = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    module, edge = json.loads(meta["module_kwargs"]), json.loads(meta["edge_kwargs"])
+    config = EncoderConfig(
+        c_s=edge["c_s"], c_p=edge["c_p"], z_factor_rank=edge["z_rank"], c_hidden=module["c_hidden"],
+        no_heads=module["no_heads"], no_qk_points=module["no_qk_points"], no_v_points=module["no_v_points"],
+        depth=module["depth"], attention="sdpa",
+    )  # fmt: skip
+    weights = checkpoint_to_encoder({k[len("weights.") :]: v for k, v in tensors.items() if k.startswith("weights.")})
+    columns = {"fp32": ("fp32", contextlib.nullcontext), "bf16": ("bf16", contextlib.nullcontext)}
+    columns |= {"fp16": ("fp16", contextlib.nullcontext), "reference fp16": ("fp16", reference_rounding)}
+    columns["reference bf16"] = ("bf16", reference_rounding)
+    lines = [
+        "",
+        f"Real chains ({path.name}): max |x - x_fp64| over valid residues, s / translations (A); the",
+        "reference's weights (every parameter non-zero, large frame updates), config "
+        f"c_s={config.c_s} depth={config.depth}, neighbours in exact distance order.",
+        f"{'chain':>20} {'N':>4} {'ref32 (file)':>12} " + " ".join(f"{name:>19}" for name in columns),
+    ]
+    print("\n".join(lines), flush=True)
+    for chain in json.loads(meta["chains"]):
+        name = chain["name"]
+        x = {key: tensors[f"{name}.inputs.{key}"] for key in ("node_embed", "translations", "rotations", "node_mask")}
+        mask = x["node_mask"].bool()
+        cells = []
+        for dtype, context in columns.values():
+            encoder = IPAEncoder(config.replace(attn_dtype=dtype)).eval().requires_grad_(False)
+            encoder.load_state_dict(weights)
+            with torch.no_grad(), context():
+                out = encoder(x["node_embed"], x["translations"], mask, rotations=x["rotations"])
+            s_err = (out.s - tensors[f"{name}.fp64.s_geo"])[mask].abs().max().item()
+            t_err = (out.translations - tensors[f"{name}.fp64.trans"])[mask].abs().max().item()
+            cells.append(f"{s_err:9.2e}/{t_err:9.2e}")
+        lines.append(
+            f"{name:>20} {mask.sum().item():4d} {chain['ref32_vs_fp64']:12.1e} " + " ".join(f"{c:>19}" for c in cells)
+        )
+        print(lines[-1], flush=True)
+    return lines
+
+
 def timings(models: dict[str, IPAEncoder], chain: tuple, repeats: int) -> list[str]:
     """Forward seconds (best of ``repeats``) of every dtype and variant on one chain."""
     title, node_embed, ca, mask, rotations = chain
@@ -171,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also a real chain (PDB/mmCIF; needs gemmi): its CA positions and backbone frames, "
         "re-centred, then offset (repeatable)",
     )
+    p.add_argument("--real", type=Path, help="also a real golden: its chains, weights and float64 outputs")
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per variant (best is reported)")
     p.add_argument("--out", type=Path, help="also write the table to this file")
     args = p.parse_args(argv)
@@ -226,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             table.append(line)
             print(line, flush=True)
         lines += table
+    if args.real:
+        lines += real_chains(args.real)
     lines += timings(models, chains[0], args.repeats)
     lines += [
         "",

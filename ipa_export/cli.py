@@ -53,8 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("convert", help="convert a BINDRAE Stage-1 checkpoint into an export directory")
-    p.add_argument("checkpoint", type=Path, help="training checkpoint (.pt), read with weights_only=True")
+    p = commands.add_parser(
+        "convert", help="convert a BINDRAE Stage-1 checkpoint (or re-write an export) into an export directory"
+    )
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        help="training checkpoint (.pt, read with weights_only=True), or an export directory or its model.safetensors",
+    )
     p.add_argument("--out", type=Path, required=True, help="export directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export at --out")
     p.add_argument(

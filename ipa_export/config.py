@@ -18,7 +18,7 @@ ATTN_DTYPES = ("fp32", "bf16", "fp16")
 EDGE_MODES = ("flash_1d_bias", "flash_no_bias", "flash_2d_factorize_bias")
 FRAME_UPDATE_CLIPS = ("reference", "clip")
 #: fields added after format_version 2 was released: a config without them gets their defaults
-ADDED_FIELDS = ("max_len", "distance_features", "num_rbf")
+ADDED_FIELDS = ("max_len", "distance_features", "num_rbf", "knn_tie_tolerance")
 DISTANCE_FEATURES = ("one_hot", "rbf")
 #: Documented maxima of the config's sizes and limits, so that a hostile config is rejected
 #: before anything is built; raise them explicitly with :func:`raised_limits`.
@@ -29,6 +29,7 @@ MAXIMA: Mapping[str, float] = MappingProxyType(
         "z_factor_rank": 64,
         "feat_dim": 1024,
         "knn_k": 256,
+        "knn_tie_tolerance": 1.0,
         "num_bins": 1024,
         "num_rbf": 1024,
         "max_len": 16384,
@@ -89,6 +90,10 @@ class EncoderConfig:
     mode: Literal["flash_1d_bias", "flash_no_bias", "flash_2d_factorize_bias"] = "flash_1d_bias"
     feat_dim: int = 64  #: width of the sin/cos index embeddings
     knn_k: int = 10  #: neighbours per residue in the distogram features
+    #: neighbour distances closer than this (Angstrom) count as tied and go by residue index;
+    #: 0 (the reference): only exactly equal distances. > 0 (e.g. 1e-4) for idealised geometry
+    #: whose distances are equal in exact arithmetic, so that they stay rotation-invariant
+    knn_tie_tolerance: float = 0.0
     num_bins: int = 22  #: distogram bins between 1e-3 and 20 Angstrom
     max_len: int = 0  #: longest protein of mode "flash_2d_factorize_bias" (its factoriser's width); else 0
     #: neighbour distances as one-hot bins (the reference; BINDRAE and flash_ipa weights) or as
@@ -148,6 +153,8 @@ class EncoderConfig:
             p.append(f"distance_features: 'rbf' needs mode 'flash_1d_bias', got mode {self.mode!r}")
         if not 0.0 <= self.dropout < 1.0:
             p.append(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.knn_tie_tolerance < 0:
+            p.append(f"knn_tie_tolerance: must be >= 0 Angstrom, got {self.knn_tie_tolerance}")
         for name in ("max_rot_update_deg", "max_trans_update"):
             if getattr(self, name) <= 0:
                 p.append(f"{name}: must be positive, got {getattr(self, name)}")

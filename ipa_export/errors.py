@@ -42,6 +42,11 @@ class HubError(IPAExportError, ConnectionError):
     """The Hugging Face Hub could not be reached, or refused the request."""
 
 
+class UntrustedFileError(IPAExportError, PermissionError):
+    """A file this package refuses to load because loading it would run code it holds (a compile
+    cache from outside the user's cache directory, or one another user can write)."""
+
+
 class CheckFailedError(IPAExportError, RuntimeError):
     """A self-check failed (e.g. conversion parity): the result is not to be trusted."""
 

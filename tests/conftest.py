@@ -109,7 +109,10 @@ def randomize_(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.
         for sub in module.modules():
             if isinstance(sub, torch.nn.Linear):
                 sub.weight.copy_(torch.randn(sub.weight.shape, generator=generator) / sub.in_features**0.5)
-                sub.bias.copy_(0.02 * torch.randn(sub.bias.shape, generator=generator))
+                if sub.bias is not None:  # the factoriser's compressors have none
+                    sub.bias.copy_(0.02 * torch.randn(sub.bias.shape, generator=generator))
+            elif isinstance(sub, torch.nn.Embedding):
+                sub.weight.copy_(torch.randn(sub.weight.shape, generator=generator))
             elif isinstance(sub, torch.nn.LayerNorm):
                 sub.weight.copy_(1 + 0.1 * torch.randn(sub.weight.shape, generator=generator))
                 sub.bias.copy_(0.1 * torch.randn(sub.bias.shape, generator=generator))

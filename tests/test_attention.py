@@ -118,7 +118,7 @@ def test_flash_attn_matches_dense_on_cuda(rank):  # pragma: no cover - needs a G
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-4), (torch.bfloat16, 0.3)])
 def test_model_dtype_policy(dtype, atol):
-    """Layers run in the model's dtype; frames, points and distances stay fp32."""
+    """Layers run in the model's dtype; frames, points and distances in fp32 (fp64 for fp64)."""
     config = tiny_config()
     reference = make_encoder(config, seed=4)
     model = make_encoder(config, seed=4).to(dtype)
@@ -126,5 +126,6 @@ def test_model_dtype_policy(dtype, atol):
     with torch.no_grad():
         a = reference(node_embed, coords, mask)
         b = model(node_embed.to(dtype), coords, mask)
-    assert b.s.dtype == b.z_f1.dtype == dtype and b.rotations.dtype == b.translations.dtype == torch.float32
+    geometry = torch.float64 if dtype == torch.float64 else torch.float32
+    assert b.s.dtype == b.z_f1.dtype == dtype and b.rotations.dtype == b.translations.dtype == geometry
     assert (a.s - b.s.float()).abs().mean() < atol / 10 and (a.translations - b.translations).abs().max() < atol

@@ -13,17 +13,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from ipa_export import EncoderConfig, IPAEncoder
-from ipa_export.model import compiling
-from ipa_export.model.compiling import (
-    COMPILE_BOUND,
-    CompiledEncoder,
-    _compile_scope,
-    _unbacked_batch,
-    compile_cache_file,
-    compile_encoder,
-    load_compile_cache,
-    save_compile_cache,
-)
+from ipa_export.export import compile_cache
+from ipa_export.export.compile_cache import compile_cache_file, load_compile_cache, save_compile_cache
+from ipa_export.model.compiling import COMPILE_BOUND, CompiledEncoder, _compile_scope, _unbacked_batch, compile_encoder
 
 TINY = EncoderConfig(
     c_s=32, c_p=16, z_factor_rank=2, feat_dim=16, c_hidden=8, no_heads=2, no_qk_points=2, no_v_points=3, depth=1
@@ -39,7 +31,7 @@ def fresh_compiler(tmp_path, monkeypatch):
     """Each test starts with no compiled code, zeroed counters, an empty Inductor cache
     directory and an empty ipa_export cache (so nothing leaks between tests or into the
     user's caches)."""
-    monkeypatch.setenv(compiling.CACHE_ENV, str(tmp_path / "user-cache"))
+    monkeypatch.setenv(compile_cache.CACHE_ENV, str(tmp_path / "user-cache"))
     torch._dynamo.reset()
     counters.clear()
     with _fresh_cache():
@@ -144,7 +136,7 @@ def test_compile_cache_round_trip(encoder, tmp_path, monkeypatch):
         assert torch.equal(getattr(first, name), getattr(second, name)), name
 
     loaded = []
-    monkeypatch.setattr(compiling, "load_compile_cache", lambda path, trusted=False: loaded.append((path, trusted)))
+    monkeypatch.setattr(compile_cache, "load_compile_cache", lambda path, trusted=False: loaded.append((path, trusted)))
     IPAEncoder.from_pretrained(export, compile=True, compile_cache=False)
     IPAEncoder.from_pretrained(export, compile=True, compile_cache=tmp_path / "elsewhere.bin", trust_compile_cache=True)
     cache.unlink()
@@ -169,7 +161,7 @@ def test_compile_cache_errors(tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="no compile cache"):
         load_compile_cache(tmp_path / "missing.bin")
     (tmp_path / "junk.bin").write_bytes(b"not a cache")
-    with caplog.at_level(logging.WARNING, logger="ipa_export.model.compiling"):
+    with caplog.at_level(logging.WARNING, logger="ipa_export.export.compile_cache"):
         assert load_compile_cache(tmp_path / "junk.bin", trusted=True) is None
     assert "not a compile cache" in caplog.text
 

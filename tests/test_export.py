@@ -53,6 +53,28 @@ def test_round_trip_is_bit_exact_and_frozen(saved):
         assert all(torch.equal(a, b) for a, b in zip(original(*x), loaded(*x), strict=True))
 
 
+def test_tie_tolerance_is_stored_shown_in_the_card_and_used_after_loading(tmp_path):
+    # Residue 0's two nearest neighbours, 5 and 9, are 1e-5 A apart (the later index nearer):
+    # the option decides their order, so outputs tell whether the loaded encoder uses it.
+    coords = torch.zeros(1, 12, 3)
+    coords[0, :, 0] = torch.arange(12.0) * 3.0 + 6.0
+    coords[0, 0] = 0.0
+    coords[0, 5], coords[0, 9] = torch.tensor([4.00001, 0.0, 0.0]), torch.tensor([0.0, 4.0, 0.0])
+    x = (
+        torch.randn(1, 12, 32, generator=torch.Generator().manual_seed(0)),
+        coords,
+        torch.ones(1, 12, dtype=torch.bool),
+    )
+    banded = make_encoder(tiny_config(knn_tie_tolerance=1e-4), seed=5)
+    directory = banded.save_pretrained(tmp_path / "export")
+    assert "| `knn_tie_tolerance` | `0.0001` |" in (directory / "README.md").read_text()
+    loaded = IPAEncoder.from_pretrained(directory)
+    assert loaded.config.knn_tie_tolerance == 1e-4
+    with torch.no_grad():
+        assert torch.equal(loaded(*x).z_f1, banded(*x).z_f1)
+        assert not torch.equal(loaded(*x).z_f1, make_encoder(tiny_config(), seed=5)(*x).z_f1)
+
+
 def test_export_layout_and_metadata(saved):
     assert sorted(p.name for p in saved.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((saved / "config.json").read_text())
@@ -194,6 +216,7 @@ def test_mistyped_field(saved):
         ("z_factor_rank", -1, "config.z_factor_rank: must be >= 0, got -1"),
         ("no_heads", 0, "config.no_heads: must be positive, got 0"),
         ("c_p", 18, "config.c_p: must be divisible by 4 (the IPA projects it to c_p // 4), got 18"),
+        ("knn_tie_tolerance", -1e-4, "config.knn_tie_tolerance: must be >= 0 Angstrom, got -0.0001"),
         (
             "attention",
             "xformers",

@@ -163,20 +163,23 @@ def ideal_helix(n: int = 30, radius: float = 2.3, rise: float = 1.5, turn_deg: f
     return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle), rise * torch.arange(n)], -1)
 
 
+@pytest.mark.parametrize("offset", [0.0, 200.0])
 @pytest.mark.parametrize("shape", [ideal_line, ideal_grid, ideal_helix])
-def test_exactly_tied_neighbours_keep_se3_invariance(shape):
+def test_tie_tolerance_keeps_exactly_tied_geometry_se3_invariant(shape, offset):
     """Idealised geometry has exactly tied distances (i - d and i + d on a line or helix, the
-    faces of a grid): rounding after a rotation must not reorder the tied neighbours."""
+    faces of a grid): with ``knn_tie_tolerance`` on, rounding after a rotation must not reorder
+    the tied neighbours, at the origin and 200 A away from it."""
+    config = tiny_config(knn_tie_tolerance=1e-4)
     coords = shape()
-    coords = (coords - coords.mean(0)).float()[None]
+    coords = (coords - coords.mean(0) + torch.tensor([offset, 0.0, 0.0], dtype=torch.float64)).float()[None]
     n = coords.shape[1]
-    assert decisions_are_stable_up_to_ties(coords, tiny_config())
+    assert decisions_are_stable_up_to_ties(coords, config)
     g = torch.Generator().manual_seed(0)
-    node_embed = torch.randn(1, n, tiny_config().c_s, generator=g)
+    node_embed = torch.randn(1, n, config.c_s, generator=g)
     mask = torch.ones(1, n, dtype=torch.bool)
     q = torch.stack([random_rotation(g) for _ in range(100)])  # [100, 3, 3]
     rotations = q[:, None].expand(100, n, 3, 3).contiguous()  # identity frames, rotated by q
-    model = encoder(2)
+    model = make_encoder(config, seed=2)
     with torch.no_grad():  # one batch of 100 rotated copies (batch invariance is tested above)
         reference = model(node_embed, coords, mask).s
         moved = model(node_embed.expand(100, -1, -1), coords @ q.transpose(1, 2), mask.expand(100, -1), rotations).s

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_chain, random_rotation
+from conftest import STRUCTURES, random_chain, random_rotation
 
 from ipa_export.model import knn as knn_module
 from ipa_export.model.knn import knn, smallest
+from ipa_export.structures.reader import read_backbone
 
 
 def brute_force(coords: torch.Tensor, mask: torch.Tensor, k: int):
@@ -77,15 +78,15 @@ def test_large_chain_same_neighbours_as_a_full_search():
     valid = mask[..., None].expand_as(indices)
     assert torch.equal(indices.sort(-1).values[valid], want.indices.sort(-1).values[valid])
     torch.testing.assert_close(distances.sort(-1).values[valid].double(), want.values[valid], atol=1e-4, rtol=0)
-    # Nearest first, up to the tie tolerance (~2e-4 A for this radius): near-ties go by index.
-    assert (distances[..., 1:] >= distances[..., :-1] - 2e-4)[valid[..., 1:]].all()
+    # Nearest first, by the distances returned (no tie tolerance by default).
+    assert (distances[..., 1:] >= distances[..., :-1])[valid[..., 1:]].all()
     assert (indices[~valid] == -1).all()
 
 
-def test_tie_groups_are_ordered_by_index_and_decide_the_kth_slot():
+def test_tie_tolerance_groups_are_ordered_by_index_and_decide_the_kth_slot():
     # The centre of a rotated 3 x 3 x 3 grid has six face neighbours at 3.8 A, tied up to the
-    # rounding of the rotation. k = 4 must take the four lowest-indexed ones, in index order,
-    # whatever rounding made one of them the "nearest".
+    # rounding of the rotation. With a tie tolerance, k = 4 must take the four lowest-indexed
+    # ones, in index order, whatever rounding made one of them the "nearest".
     r = torch.arange(3.0) * 3.8
     grid = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(1, 27, 3)
     faces = [4, 10, 12, 14, 16, 22]  # the centre is 13
@@ -93,7 +94,7 @@ def test_tie_groups_are_ordered_by_index_and_decide_the_kth_slot():
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         q = random_rotation(g)
-        _, indices = knn(grid @ q.T, mask, 4)
+        _, indices = knn(grid @ q.T, mask, 4, tie_tolerance=1e-4)
         assert indices[0, 13].tolist() == faces[:4]
 
 
@@ -136,7 +137,7 @@ def test_padded_positions_may_hold_anything():
 
 
 def test_block_preselection_returns_the_smallest_values_ties_included():
-    count, length, block = 18, 6000, knn_module.BLOCK
+    count, length, block = 18, 6000, knn_module.BLOCK_COLUMNS
     g = torch.Generator().manual_seed(0)
     d2 = torch.randint(100, 140, (5, length), generator=g).float()  # many equal values
     for row in range(3):  # the smallest values one per block: every chosen block is needed
@@ -159,7 +160,7 @@ def test_block_preselection_gives_the_same_neighbours_as_one_topk_per_row(monkey
     # 5,400 residues, long enough for the block pre-selection: a rotated lattice (ties at
     # every distance) and a random chain with padding.
     n = 5400
-    assert 4 * (10 + knn_module.EXTRA_CANDIDATES) * knn_module.BLOCK <= n
+    assert 4 * (10 + knn_module.EXTRA_CANDIDATES) * knn_module.BLOCK_COLUMNS <= n
     g = torch.Generator().manual_seed(2)
     r = torch.arange(18.0), torch.arange(15.0), torch.arange(20.0)
     lattice = 3.8 * torch.stack(torch.meshgrid(*r, indexing="ij"), -1).reshape(n, 3)
@@ -169,7 +170,42 @@ def test_block_preselection_gives_the_same_neighbours_as_one_topk_per_row(monkey
     mask = torch.ones(2, n, dtype=torch.bool)
     mask[1, 5000:] = False
     got = knn(coords, mask, 10)
-    monkeypatch.setattr(knn_module, "BLOCK", n)  # every row through one topk, as before
+    monkeypatch.setattr(knn_module, "BLOCK_COLUMNS", n)  # every row through one topk, as before
     want = knn(coords, mask, 10)
     assert torch.equal(got[1], want[1])
     assert torch.equal(got[0], want[0])
+
+
+def reference_knn(coords: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash_ipa's search, as written there: ``torch.norm(x - y)``, 1e6 on the diagonal, topk."""
+    dist = torch.norm(coords[:, :, None, :] - coords[:, None, :, :], dim=-1)
+    dist = dist + torch.eye(coords.shape[1])[None] * 1e6
+    return torch.topk(dist, k=k, dim=-1, largest=False)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in STRUCTURES.glob("*.pdb.gz")))
+def test_real_chains_get_the_reference_neighbours_in_its_order(name):
+    # Real chains (coordinates given to 1e-3 A) have neighbour distances that differ by less
+    # than 1e-5 A: the order is the reference's, by the fp32 distances it computes, at any chunking.
+    ca = read_backbone(STRUCTURES / name).ca[None]
+    want_distances, want = reference_knn(ca, 10)
+    mask = torch.ones(ca.shape[:2], dtype=torch.bool)
+    for chunk_size in (37, 256):
+        distances, indices = knn(ca, mask, 10, chunk_size)
+        assert torch.equal(indices, want)
+        assert torch.equal(distances, want_distances)
+
+
+def test_near_ties_go_by_distance_by_default_and_by_index_within_the_tolerance():
+    # Residue 0's two nearest neighbours are 5 and 9, 1e-5 A apart, the later index nearer.
+    coords = torch.zeros(1, 12, 3)
+    coords[0, :, 0] = torch.arange(12.0) * 10.0 + 30.0  # the rest far away
+    coords[0, 0] = torch.tensor([0.0, 0.0, 0.0])
+    coords[0, 5] = torch.tensor([4.00001, 0.0, 0.0])
+    coords[0, 9] = torch.tensor([0.0, 4.0, 0.0])
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    distances, indices = knn(coords, mask, 3)
+    assert distances[0, 0, 0] < distances[0, 0, 1]  # the gap survives fp32
+    assert indices[0, 0, :2].tolist() == [9, 5]
+    _, banded = knn(coords, mask, 3, tie_tolerance=1e-4)
+    assert banded[0, 0, :2].tolist() == [5, 9]

@@ -21,7 +21,8 @@ from torch.utils._appending_byte_serializer import AppendingByteSerializer, Byte
 from ipa_export import ConfigCompatibilityError, IPAEncoder
 from ipa_export.cli import main
 from ipa_export.config import raised_limits
-from ipa_export.model.compiling import compile_cache_file
+from ipa_export.errors import UntrustedFileError
+from ipa_export.export.compile_cache import compile_cache_file
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -108,7 +109,7 @@ def test_a_compile_cache_planted_in_a_hub_snapshot_never_runs(saved, tmp_path):
 def test_an_explicit_cache_path_needs_the_trusted_code_flag(saved, tmp_path):
     marker = tmp_path / "PWNED"
     cache = plant_cache(tmp_path / "downloaded.bin", marker)
-    with pytest.raises(PermissionError, match=r"downloaded.bin: refusing to load a compile cache from outside"):
+    with pytest.raises(UntrustedFileError, match=r"downloaded.bin: refusing to load a compile cache from outside"):
         IPAEncoder.from_pretrained(saved, compile=True, compile_cache=cache)
     assert not marker.exists()
     with pytest.raises(Exception):  # noqa: B017 - trusted: it is loaded (and the payload runs)
@@ -120,7 +121,7 @@ def test_a_cache_others_can_write_is_refused(saved, tmp_path):
     marker = tmp_path / "PWNED"
     cache = plant_cache(compile_cache_file(saved, "cpu"), marker)
     cache.chmod(0o666)
-    with pytest.raises(PermissionError, match=r"another user owns or can write \(owner uid \d+, mode 666\)"):
+    with pytest.raises(UntrustedFileError, match=r"another user owns or can write \(owner uid \d+, mode 666\)"):
         IPAEncoder.from_pretrained(saved, compile=True)
     assert not marker.exists()
 

@@ -13,23 +13,33 @@ import hashlib
 import math
 import os
 import pickle
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from ..config import ConfigCompatibilityError, EncoderConfig
 from ..errors import CheckFailedError, InputError
-from ..export.format import expected_tensors, write_export, write_model_card, writing_export
+from ..export.format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    expected_tensors,
+    read_header,
+    read_weights,
+    write_export,
+    write_model_card,
+    writing_export,
+)
 from ..flash_ipa import keys as native_keys
 from ..flash_ipa.edge_embedder import EdgeEmbedder as NativeEdgeEmbedder
 from ..flash_ipa.edge_embedder import native_edge_config
 from ..model.edge_embedder import EdgeEmbedder
 from ..model.encoder import IPAEncoder
 from ..model.frames import Frames, identity_rotations
+from ..model.shapes import COMPRESSOR, RESIDUE_TABLE, implied_config
 from ..model.stack import FlashIPAStack
 from .keys import (
     ADAPTER_EDGE,
@@ -43,6 +53,7 @@ from .keys import (
 )
 
 ZIP_MAGIC, PICKLE_PROTOCOL, GZIP_MAGIC = b"PK\x03\x04", b"\x80", b"\x1f\x8b"
+SAFETENSORS_HEADER_START = b"{"  #: after the 8-byte header length
 PARITY_ATOL = 1e-5
 PARITY_LENGTH = 64
 # Stage-1 config keys that name EncoderConfig fields (checkpoint name -> field).
@@ -63,30 +74,47 @@ CHECKPOINT_CONFIG_FIELDS = {
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The two modules' tensors (their checkpoint keys) and the checkpoint's own config dict.
+    """The two modules' tensors (their checkpoint keys), an optional residue-type table
+    (``residue_embedding.weight``, kept in every layout) and the checkpoint's own config dict.
     ``native``: flash_ipa's EdgeEmbedder sits directly under ``edge_embedder.`` (see
-    :mod:`ipa_export.flash_ipa.keys`) rather than inside BINDRAE's adapter."""
+    :mod:`ipa_export.flash_ipa.keys`) rather than inside BINDRAE's adapter. ``export``: the
+    tensors are an export's (IPAEncoder keys) and ``config`` is its complete config."""
 
     state_dict: dict[str, torch.Tensor]
     config: dict[str, Any]
     sha256: str
     path: Path
     native: bool = False
+    export: bool = False
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors under IPAEncoder keys."""
-        return native_keys.native_to_encoder(self.state_dict) if self.native else checkpoint_to_encoder(self.state_dict)
+        if self.export:
+            return dict(self.state_dict)
+        state = self.state_dict
+        table = {k: v for k, v in state.items() if k == RESIDUE_TABLE}
+        return {**(native_keys.native_to_encoder(state) if self.native else checkpoint_to_encoder(state)), **table}
+
+    def stated_fields(self) -> dict[str, Any]:
+        """The config fields the checkpoint's own config states (an export's: all of them)."""
+        if self.export:
+            return dict(self.config)
+        return {CHECKPOINT_CONFIG_FIELDS[k]: v for k, v in self.config.items() if k in CHECKPOINT_CONFIG_FIELDS}
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a Stage-1 checkpoint (``model_state_dict`` + ``config``), a bare state dict with
     ``edge_embedder.`` and ``ipa_module.`` (or ``ipa_stack.``) keys in BINDRAE's or flash_ipa's
     native layout, or a dict of the two modules' state dicts (``{"edge_embedder": ...,
-    "ipa_module": ...}``). Refuses anything needing unpickling."""
+    "ipa_module": ...}``), or an export (its directory, or its model.safetensors beside its
+    config.json). Refuses anything needing unpickling."""
     path = Path(path)
+    if path.is_dir():
+        return _read_export(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    _check_torch_save_file(path)
+    if _check_torch_save_file(path) == "safetensors":
+        return _read_export(path.parent, given=path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -106,7 +134,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise InputError(
             f"{path}: expected a dict with 'model_state_dict' (and optionally 'config'), or a bare state dict"
         )
-    prefixes = (STAGE1_EDGE, *native_keys.STACK_PREFIXES)
+    prefixes = (STAGE1_EDGE, *native_keys.STACK_PREFIXES, RESIDUE_TABLE)
     modules = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefixes)}
     if not modules:
         raise InputError(f"{path}: no '{STAGE1_EDGE}*' or '{STAGE1_IPA}*' tensors in the state dict")
@@ -127,13 +155,34 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(modules, config, hashlib.sha256(path.read_bytes()).hexdigest(), path, native)
 
 
-def _check_torch_save_file(path: Path) -> None:
-    """Refuse a file that torch.save cannot have written (it writes a zip archive, or a pickle
-    in the legacy format), saying what the file looks like instead."""
+def _read_export(directory: Path, given: Path | None = None) -> Checkpoint:
+    """An export's tensors and complete config, checked as ``from_pretrained`` checks them.
+    ``given``: the safetensors file named on the command line, which must be the export's."""
+    if given is not None and not (given.name == WEIGHTS_NAME and (directory / CONFIG_NAME).is_file()):
+        with safe_open(given, framework="pt") as f:
+            known = implied_config({k: f.get_slice(k).get_shape() for k in f.keys()}).fields
+        unknown = ", ".join(name for name in EncoderConfig.__dataclass_fields__ if name not in known)
+        where = f"no {CONFIG_NAME} beside it" if given.name == WEIGHTS_NAME else f"not named {WEIGHTS_NAME}"
+        raise InputError(
+            f"{given}: {where}: a safetensors file converts only as an export's {WEIGHTS_NAME}, whose "
+            f"{CONFIG_NAME} holds the fields its shapes cannot tell ({unknown}); pass the export directory"
+        )
+    header = read_header(directory, IPAEncoder)
+    weights = read_weights(header)
+    sha256 = hashlib.sha256((directory / WEIGHTS_NAME).read_bytes()).hexdigest()
+    return Checkpoint(weights, header.config.to_dict(), sha256, directory, export=True)
+
+
+def _check_torch_save_file(path: Path) -> str:
+    """``"torch"`` for a file that torch.save can have written (a zip archive, or a pickle in
+    the legacy format), ``"safetensors"`` for a safetensors file; refuse anything else, saying
+    what the file looks like instead."""
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith((ZIP_MAGIC, PICKLE_PROTOCOL)) or not head:  # empty: torch.load's own message
-        return
+        return "torch"
+    if head[8:9] == SAFETENSORS_HEADER_START:
+        return "safetensors"
     if head.startswith(GZIP_MAGIC):
         looks = "gzip-compressed data (a structure file such as .pdb.gz?)"
     elif all(32 <= b < 127 or b in b"\t\r\n" for b in head):
@@ -147,36 +196,24 @@ def _check_torch_save_file(path: Path) -> None:
 
 
 def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any] | None = None) -> EncoderConfig:
-    """Infer the encoder config from tensor shapes; the checkpoint's config and ``overrides``
-    must agree with the shapes. Converted BINDRAE models use the reference frame-update clip."""
+    """Infer the encoder config from tensor shapes (:func:`~ipa_export.model.shapes.implied_config`);
+    the checkpoint's config and ``overrides`` must agree with the shapes and give the fields
+    shapes cannot tell (else their defaults; converted BINDRAE models use the reference
+    frame-update clip)."""
     shapes = {k: tuple(v.shape) for k, v in checkpoint.encoder_state_dict().items()}
-    overrides = dict(overrides or {})
-    malformed = IPAEncoder.implied_config(shapes, name=checkpoint_name)[1]  # before any division by a size
+    stated, overrides = checkpoint.stated_fields(), dict(overrides or {})
+    edge = "edge_embedder."
+    if edge + "linear_s_p.weight" in shapes and not {edge + "linear_t_distogram.weight", COMPRESSOR} & shapes.keys():
+        raise InputError(
+            f"{checkpoint.path}: an orig_2d_bias edge embedder (a dense pair representation attended in every block) "
+            "has no factorised form an export could hold; use it through ipa_export.flash_ipa instead"
+        )
+    inferred, malformed = implied_config(shapes, {**stated, **overrides}, name=checkpoint_name)
     if malformed:
         raise ConfigCompatibilityError(malformed, context=f"checkpoint {checkpoint.path}")
-
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in shapes:
-            raise InputError(f"{checkpoint.path}: missing tensor {checkpoint_name(key)!r}; cannot infer the config")
-        return shapes[key]
-
-    ipa = "ipa_stack.ipa_blocks.0.ipa."
-    heads_c, c_s = shape(ipa + "linear_q.weight")
-    heads = shape(ipa + "head_weights")[0]
-    qk_points = shape(ipa + "linear_q_points.weight")[0] // (3 * heads)
-    inferred = {
-        "c_s": c_s,
-        **_edge_fields(shapes, checkpoint.path),
-        "no_heads": heads,
-        "c_hidden": heads_c // heads,
-        "no_qk_points": qk_points,
-        "no_v_points": shape(ipa + "linear_kv_points.weight")[0] // (3 * heads) - qk_points,
-        "depth": len({m.group(1) for k in shapes if (m := re.match(r"ipa_stack\.ipa_blocks\.(\d+)\.", k))}),
-    }
     if inferred["mode"] == "flash_no_bias" and checkpoint.native:  # flash_ipa's unused edge MLP still has c_p
         inferred["c_p"] = checkpoint.state_dict[native_keys.MLP + "0.weight"].shape[0]
     problems = []
-    stated = {CHECKPOINT_CONFIG_FIELDS[k]: v for k, v in checkpoint.config.items() if k in CHECKPOINT_CONFIG_FIELDS}
     for source, values in (("checkpoint config", stated), ("override", overrides)):
         for field, value in values.items():
             if field in inferred and inferred[field] != value:
@@ -190,36 +227,13 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any] | None = N
     if mismatched:
         raise ConfigCompatibilityError(
             [
-                f"tensor {checkpoint_name(k)}: checkpoint {shapes.get(k)}, inferred config needs {expected.get(k)}"
+                f"tensor {checkpoint_name(k)}: checkpoint {shapes.get(k, 'has none')}, "
+                f"inferred config needs {expected.get(k, 'none')}"
                 for k in mismatched
             ],
             context=f"checkpoint {checkpoint.path}",
         )
     return config
-
-
-def _edge_fields(shapes: Mapping[str, tuple[int, ...]], path: Path) -> dict[str, Any]:
-    """The edge mode and the edge config fields its tensors determine (IPAEncoder keys)."""
-    edge = "edge_embedder."
-    if edge + "linear_s_p.weight" not in shapes:  # no pair bias: the IPA has no linear_b
-        return {"mode": "flash_no_bias", "z_factor_rank": 0}
-    feat_dim = shapes[edge + "linear_relpos.weight"][1]
-    fields = {
-        "c_p": shapes[edge + "edge_embedder.0.weight"][0],
-        "feat_dim": feat_dim,
-        "num_bins": (shapes[edge + "edge_embedder.0.weight"][1] - 3 * feat_dim) // 2,
-    }
-    if edge + "factorizer.length_compressor.weight" in shapes:
-        rank, max_len = shapes[edge + "factorizer.length_compressor.weight"]
-        return {**fields, "mode": "flash_2d_factorize_bias", "z_factor_rank": rank, "max_len": max_len}
-    if edge + "linear_t_distogram.weight" not in shapes:
-        raise InputError(
-            f"{path}: an orig_2d_bias edge embedder (a dense pair representation attended in every block) has no "
-            "factorised form an export could hold; use it through ipa_export.flash_ipa instead"
-        )
-    rank = shapes[edge + "linear_s_p.weight"][0] // (2 * feat_dim)
-    t_out, t_in = shapes[edge + "linear_t_distogram.weight"]
-    return {**fields, "mode": "flash_1d_bias", "z_factor_rank": rank, "knn_k": t_in // (fields["num_bins"] + feat_dim)}
 
 
 def convert(
@@ -237,6 +251,11 @@ def convert(
     21-type residue embedding table (untrained; for demos and tests)."""
     checkpoint = read_checkpoint(checkpoint_path)
     config = infer_config(checkpoint, overrides)
+    if residue_embedding_seed is not None and config.num_residue_types:
+        raise InputError(
+            f"residue_embedding_seed: the source already holds a residue-type table ({RESIDUE_TABLE}, "
+            f"{config.num_residue_types} types), which the export keeps; leave the seed out"
+        )
     if residue_embedding_seed is not None:
         config = config.replace(num_residue_types=21)
     encoder = IPAEncoder(config)
@@ -252,7 +271,8 @@ def convert(
     }
     if note:
         provenance["note"] = note
-    with writing_export(out, overwrite=overwrite, protect=[checkpoint.path]) as tmp:
+    protect = [checkpoint.path / n for n in (CONFIG_NAME, WEIGHTS_NAME)] if checkpoint.export else [checkpoint.path]
+    with writing_export(out, overwrite=overwrite, protect=protect) as tmp:
         write_export(encoder, tmp, provenance=provenance, license=license)
         difference = parity_check(checkpoint, tmp)
         if not difference <= PARITY_ATOL:  # inf (non-finite outputs) fails too
@@ -280,7 +300,7 @@ def parity_length(config: EncoderConfig) -> int:
 def parity_check(checkpoint: Checkpoint, export_dir: Path) -> float:
     """Max abs difference (inf where an output is not finite) between the reloaded export and
     the source modules (an edge embedder and a FlashIPA stack loaded from the checkpoint's own
-    keys, composed as BINDRAE does) on a random protein."""
+    keys, composed as BINDRAE does) on a random protein, and between their residue-type tables."""
     encoder = IPAEncoder.from_pretrained(export_dir, attention="dense")
     edge, stack = _source_modules(checkpoint, encoder.config)
     length = parity_length(encoder.config)
@@ -300,6 +320,9 @@ def parity_check(checkpoint: Checkpoint, export_dir: Path) -> float:
         (out.z_f1, z_f1),
         (out.z_f2, z_f2),
     ]
+    table = checkpoint.encoder_state_dict().get(RESIDUE_TABLE)
+    if table is not None:
+        pairs.append((encoder.residue_embedding.weight, table))
     pairs = [(a, b) for a, b in pairs if a.numel()]  # no factors without pair bias
     if not all(bool(torch.isfinite(a).all() and torch.isfinite(b).all()) for a, b in pairs):
         return math.inf
@@ -312,7 +335,13 @@ EdgeFactors = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.T
 def _source_modules(checkpoint: Checkpoint, config: EncoderConfig) -> tuple[EdgeFactors, FlashIPAStack]:
     """The checkpoint's edge embedder (as node_embed, coords, mask -> z_f1, z_f2) and FlashIPA
     stack, in eval mode, loaded strictly from its own keys: BINDRAE's adapter layout, or
-    flash_ipa's EdgeEmbedder (:mod:`ipa_export.flash_ipa`) for a native checkpoint."""
+    flash_ipa's EdgeEmbedder (:mod:`ipa_export.flash_ipa`) for a native checkpoint (this
+    package's with RBF distance features, which flash_ipa has not); an export's own encoder,
+    built from its stored config."""
+    if checkpoint.export:
+        source = IPAEncoder(EncoderConfig.from_dict(checkpoint.config).replace(attention="dense")).eval()
+        source.load_state_dict(checkpoint.state_dict, strict=True)
+        return source.edge_embedder, source.ipa_stack
     stack = FlashIPAStack(config).eval()
     state = checkpoint.state_dict
     if not checkpoint.native:
@@ -323,12 +352,16 @@ def _source_modules(checkpoint: Checkpoint, config: EncoderConfig) -> tuple[Edge
         return edge, stack
     stack_prefix = next(p for p in native_keys.STACK_PREFIXES if any(k.startswith(p) for k in state))
     stack.load_state_dict({k.removeprefix(stack_prefix): v for k, v in state.items() if k.startswith(stack_prefix)})
+    edge_state = {k.removeprefix(native_keys.EDGE): v for k, v in state.items() if k.startswith(native_keys.EDGE)}
+    if config.distance_features == "rbf":  # flash_ipa has no RBF features; this package's embedder has its keys
+        edge = EdgeEmbedder(config).eval()
+        edge.load_state_dict(edge_state, strict=True)
+        return edge, stack
     if config.mode == "flash_no_bias":  # flash_ipa's unused edge MLP is not part of the encoder
         native = None
     else:
         native = NativeEdgeEmbedder(native_edge_config(config)).eval()
-        edge_prefix = native_keys.EDGE
-        native.load_state_dict({k.removeprefix(edge_prefix): v for k, v in state.items() if k.startswith(edge_prefix)})
+        native.load_state_dict(edge_state)
 
     def edge_factors(node_embed: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor):  # type: ignore[no-untyped-def]
         if native is None:

@@ -247,13 +247,14 @@ def _field_problems(
     implied = getattr(model_class, "implied_config", None)
     if implied is None:
         return [], False
-    fields, malformed = implied({k: shape for k, (shape, _) in tensors.items()})
     values = config.to_dict()
+    fields, malformed = implied({k: shape for k, (shape, _) in tensors.items()}, values)
     wrong = {field: value for field, value in fields.items() if values.get(field) != value}
     problems = [
         f"{field}: config says {values[field]!r}, the weights imply {value!r}" for field, value in wrong.items()
     ]
-    return problems + malformed, bool(malformed) or any(values[field] > value for field, value in wrong.items())
+    larger = any(isinstance(value, int) and values[field] > value for field, value in wrong.items())
+    return problems + malformed, bool(malformed) or larger
 
 
 def _expected_problems(config: Any, expected: Mapping[str, Any]) -> list[str]:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import EncoderConfig
 from ..errors import InputError, InputTypeError
-from ..model import edge_embedder as native_1d
+from ..model import edge_embedder as ours_1d
 from ..model import pair_features
 from ..model.validation import Shapes, check_structure_inputs
 
@@ -158,21 +158,21 @@ class _NoBias(EdgeEmbedder):
     def __init__(self, module_cfg: EdgeEmbedderConfig):
         super().__init__()
         self._setup(module_cfg)
-        self.edge_embedder = native_1d.edge_mlp(encoder_config(module_cfg))
+        self.edge_embedder = ours_1d.edge_mlp(encoder_config(module_cfg))
 
     def _embed(self, *args: Any) -> EdgeOutputs:
         return None, None, None, None
 
 
-class _Flash1dBias(EdgeEmbedder, native_1d.EdgeEmbedder):
+class _Flash1dBias(EdgeEmbedder, ours_1d.EdgeEmbedder):
     """``flash_1d_bias``: kNN-distogram factors, never a [N, N] tensor."""
 
     def __init__(self, module_cfg: EdgeEmbedderConfig):
-        native_1d.EdgeEmbedder.__init__(self, encoder_config(module_cfg))
+        ours_1d.EdgeEmbedder.__init__(self, encoder_config(module_cfg))
         self._setup(module_cfg)
 
     def _embed(self, node_embed, translations, trans_sc, mask, node_mask, edge_embed, edge_mask) -> EdgeOutputs:  # type: ignore[no-untyped-def]
-        z_f1, z_f2 = native_1d.EdgeEmbedder.forward(self, node_embed, translations, mask, trans_sc)
+        z_f1, z_f2 = ours_1d.EdgeEmbedder.forward(self, node_embed, translations, mask, trans_sc)
         return None, z_f1, z_f2, None
 
 

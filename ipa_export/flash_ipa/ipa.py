@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import ATTN_DTYPES, EncoderConfig
 from ..errors import InputError, InputTypeError
-from ..model import ipa as native_ipa
+from ..model import ipa as ours
 from ..model.attention import resolve_backend
 from ..model.validation import Shapes, check_not_empty, check_values
 from .edge_embedder import as_mask
@@ -60,20 +60,21 @@ def rigid_tensors(r: object) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-class InvariantPointAttention(native_ipa.InvariantPointAttention):
+class InvariantPointAttention(ours.InvariantPointAttention):
     """flash_ipa's ``InvariantPointAttention``: ``forward(s, z, z_factor_1, z_factor_2, r, mask)``
     returns the update [B, N, c_s], zero at padded positions.
 
     Parameters carry flash_ipa's names (``linear_b`` and ``down_z`` only when ``c_z > 0``). The
-    head size is not limited to 256 and every ``attn_dtype`` works on every device."""
+    head size is not limited to 256 and every ``attn_dtype`` works on every device. ``inf`` is
+    accepted and has no effect (masked keys get weight exactly 0); ``eps`` must be its default."""
 
-    def __init__(self, ipa_conf: IPAConfig, inf: float = 1e5, eps: float = native_ipa.POINT_NORM_EPS):
+    def __init__(self, ipa_conf: IPAConfig, inf: float = 1e5, eps: float = ours.POINT_NORM_EPS):
         if ipa_conf.attn_dtype not in ATTN_DTYPES:
             raise InputError(f"attn_dtype: must be one of {list(ATTN_DTYPES)}, got {ipa_conf.attn_dtype!r}")
         if ipa_conf.c_z < 0 or ipa_conf.z_factor_rank < 0:
             raise InputError(f"c_z, z_factor_rank: must be >= 0, got {ipa_conf.c_z}, {ipa_conf.z_factor_rank}")
-        if eps != native_ipa.POINT_NORM_EPS:
-            raise InputError(f"eps: only {native_ipa.POINT_NORM_EPS} (flash_ipa's default) is supported, got {eps}")
+        if eps != ours.POINT_NORM_EPS:
+            raise InputError(f"eps: only {ours.POINT_NORM_EPS} (flash_ipa's default) is supported, got {eps}")
         config = EncoderConfig(
             c_s=ipa_conf.c_s,
             c_hidden=ipa_conf.c_hidden,
@@ -87,7 +88,6 @@ class InvariantPointAttention(native_ipa.InvariantPointAttention):
         self._init_as_flash_ipa()
         self._ipa_conf = ipa_conf
         self.use_flash_attn = ipa_conf.use_flash_attn
-        self.inf, self.eps = inf, eps  # masked keys get weight exactly 0 whatever inf is
         self._attention, self._attn_dtype_name = config.attention, config.attn_dtype
 
     def _init_as_flash_ipa(self) -> None:

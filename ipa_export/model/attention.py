@@ -72,8 +72,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     q/k of ipa.py rely on it).
     """
     if backend == "dense":
-        logits = (q.float() @ k.float().transpose(-1, -2)).masked_fill(~key_mask[:, None, None, :], float("-inf"))
-        return torch.softmax(logits.float(), dim=-1).to(v.dtype) @ v
+        wide = torch.promote_types(q.dtype, torch.float32)
+        logits = (q.to(wide) @ k.to(wide).transpose(-1, -2)).masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        return torch.softmax(logits, dim=-1).to(v.dtype) @ v
     head, chunk = head_sizes(q.shape[-1], v.shape[-1], backend == "flash_attn" or q.is_cuda)
     q, k = _pad(q, head), _pad(k, head)
     if backend == "flash_attn":

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import EncoderConfig
 from ..errors import InputError
+from .frames import geometry_dtype
 from .knn import knn, knn_indices, neighbour_distances
 from .validation import check_neighbours
 
@@ -24,10 +25,12 @@ CHAIN_GAP = 200  #: positions left free between consecutive chains of one protei
 DISTOGRAM_MIN, DISTOGRAM_MAX = 1e-3, 20.0  # Angstrom
 
 
-def index_embedding(indices: torch.Tensor, dim: int, max_len: int = MAX_INDEX) -> torch.Tensor:
-    """Sinusoidal embedding of integer positions: [...] -> [..., dim], sin half first."""
-    k = torch.arange(dim // 2, device=indices.device)
-    angles = indices[..., None] * math.pi / (max_len ** (2 * k / dim))
+def index_embedding(
+    indices: torch.Tensor, dim: int, max_len: int = MAX_INDEX, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Sinusoidal embedding of integer positions: [...] -> [..., dim] in ``dtype``, sin half first."""
+    k = torch.arange(dim // 2, device=indices.device, dtype=dtype)
+    angles = indices.to(dtype)[..., None] * math.pi / (max_len ** (2 * k / dim))
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
@@ -66,17 +69,17 @@ def distogram(distances: torch.Tensor, num_bins: int) -> torch.Tensor:
     """One-hot distance bins: [...] -> [..., num_bins]. Bin b holds lower_b < d < upper_b
     with ``lower = linspace(1e-3, 20, num_bins)`` and the last bin open up to 1e8 Angstrom;
     ``inf`` (no neighbour) sets no bin."""
-    lower = torch.linspace(DISTOGRAM_MIN, DISTOGRAM_MAX, num_bins, device=distances.device)
+    lower = torch.linspace(DISTOGRAM_MIN, DISTOGRAM_MAX, num_bins, device=distances.device, dtype=distances.dtype)
     upper = torch.cat([lower[1:], lower.new_tensor([1e8])])
     d = distances[..., None]
-    return ((d > lower) & (d < upper)).float()
+    return ((d > lower) & (d < upper)).to(distances.dtype)
 
 
 def gaussian_rbf(distances: torch.Tensor, num_rbf: int) -> torch.Tensor:
     """Smooth distance features: [...] -> [..., num_rbf], ``exp(-((d - mu_b) / sigma)^2)`` with
     ``mu = linspace(1e-3, 20, num_rbf)`` Angstrom and ``sigma = (20 - 1e-3) / num_rbf``.
     ``inf`` (no neighbour) gives all zeros, with zero gradient."""
-    centres = torch.linspace(DISTOGRAM_MIN, DISTOGRAM_MAX, num_rbf, device=distances.device)
+    centres = torch.linspace(DISTOGRAM_MIN, DISTOGRAM_MAX, num_rbf, device=distances.device, dtype=distances.dtype)
     sigma = (DISTOGRAM_MAX - DISTOGRAM_MIN) / num_rbf
     far = torch.where(torch.isfinite(distances), distances, 1e4)  # exp underflows to exactly 0
     return torch.exp(-(((far[..., None] - centres) / sigma) ** 2))
@@ -108,14 +111,15 @@ class EdgeEmbedder(nn.Module):
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
-        self.rank, self.k, self.num_bins, self.feat_dim = (
+        self.rank, self.k, self.num_distance_features, self.feat_dim = (
             config.z_factor_rank,
             config.knn_k,
             config.num_distance_features,
             config.feat_dim,
         )
         self.rbf = config.distance_features == "rbf"
-        f, r, bins = config.feat_dim, config.z_factor_rank, self.num_bins
+        self.tie_tolerance = config.knn_tie_tolerance
+        f, r, bins = config.feat_dim, config.z_factor_rank, self.num_distance_features
         if r == 0:  # flash_no_bias: no edge parameters at all
             self.c_p = config.c_p
             return
@@ -129,7 +133,11 @@ class EdgeEmbedder(nn.Module):
         """The neighbours the forward pass searches: coords [B, N, 3] (Angstrom), node_mask
         [B, N] bool -> indices [B, N, knn_k] int64 of the nearest other valid residues, nearest
         first, -1 for none (padded rows, short proteins). Piecewise constant: no gradient."""
-        return knn_indices(torch.where(node_mask[..., None], coords.detach().float(), 0.0), node_mask, self.k)
+        if self.rank == 0:
+            raise InputError("neighbours: this encoder has no neighbour features (mode 'flash_no_bias')")
+        geometry = geometry_dtype(self.linear_s_p.weight.dtype)  # as the forward pass's search
+        coords = torch.where(node_mask[..., None], coords.detach().to(geometry), 0.0)
+        return knn_indices(coords, node_mask, self.k, tie_tolerance=self.tie_tolerance)
 
     def _neighbour_features(
         self, coords: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, indices: torch.Tensor | None
@@ -137,14 +145,15 @@ class EdgeEmbedder(nn.Module):
         """[B, N, k * (num_bins + feat_dim)]: per neighbour, nearest first, its distance features
         and the embedding of its position; the neighbours searched, or ``indices`` [B, N, k]."""
         if indices is None:
-            distances, indices = knn(coords, mask, self.k)  # [B, N, k]
+            distances, indices = knn(coords, mask, self.k, tie_tolerance=self.tie_tolerance)  # [B, N, k]
         else:
             distances = neighbour_distances(coords, indices)
         present = (indices >= 0)[..., None]
         neighbour_positions = positions.gather(1, indices.clamp(min=0).flatten(1)).view_as(indices)
-        index_emb = index_embedding(neighbour_positions, self.feat_dim) * present
+        index_emb = index_embedding(neighbour_positions, self.feat_dim, dtype=coords.dtype) * present
         encode = gaussian_rbf if self.rbf else distogram
-        return torch.cat([encode(distances, self.num_bins), index_emb], dim=-1).flatten(-2)
+        features = encode(distances, self.num_distance_features).to(coords.dtype)  # [B, N, k, bins]
+        return torch.cat([features, index_emb], dim=-1).flatten(-2)
 
     def _factors(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, 2 * R * d] -> [B, N, 2, R, d] (n-major, then r, then d)."""
@@ -175,18 +184,19 @@ class EdgeEmbedder(nn.Module):
             return empty, empty
         if positions is None:
             positions = torch.arange(length, device=node_embed.device).expand(batch, length)
-        translations = torch.where(node_mask[..., None], translations.float(), 0.0)
+        geometry = geometry_dtype(node_embed.dtype)
+        translations = torch.where(node_mask[..., None], translations.to(geometry), 0.0)
         t_features = self._neighbour_features(translations, node_mask, positions, neighbours)
         if trans_sc is None:  # BINDRAE passes the C-alpha positions again: one kNN search serves both
             sc_features = t_features
         else:
-            sc_t = torch.where(node_mask[..., None], trans_sc.float(), 0.0)
+            sc_t = torch.where(node_mask[..., None], trans_sc.to(geometry), 0.0)
             sc_features = self._neighbour_features(sc_t, node_mask, positions, sc_neighbours)
-        dtype = node_embed.dtype  # geometry is computed in fp32, the layers run in the model's dtype
+        dtype, f = node_embed.dtype, self.feat_dim  # geometry in fp32 (fp64), the layers in the model's dtype
         features = torch.cat(
             [
                 self._factors(self.linear_s_p(node_embed)),
-                self._factors(self.linear_relpos(index_embedding(positions, self.feat_dim).to(dtype))),
+                self._factors(self.linear_relpos(index_embedding(positions, f, dtype=geometry).to(dtype))),
                 self._factors(self.linear_t_distogram(t_features.to(dtype))),
                 self._factors(self.linear_sc_distogram(sc_features.to(dtype))),
             ],

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -13,12 +11,14 @@ from torch import nn
 
 from ..config import EncoderConfig
 from ..errors import InputError
+from ..export.compile_cache import load_export_compile_cache
 from ..export.pretrained import ExportMixin
 from .attention import resolve_backend
-from .compiling import compile_pretrained
+from .compiling import CompiledEncoder, compile_encoder
 from .edge_embedder import EdgeEmbedder, residue_positions
 from .frames import Frames, identity_rotations, masked_mean
 from .pair_features import FactorizedPairEmbedder
+from .shapes import implied_config
 from .stack import FlashIPAStack
 from .validation import Shapes, check_devices, check_indices, check_structure_inputs, warn_unusual_ca_spacing
 
@@ -28,7 +28,8 @@ class EncoderOutput(NamedTuple):
     ``translations``) and identity ``rotations``, whatever the inputs held there.
 
     dtypes, with or without ``torch.autocast``: ``s``, ``z_f1``, ``z_f2`` in the encoder's
-    parameter dtype; ``rotations``, ``translations`` float32. Every tensor is contiguous."""
+    parameter dtype; ``rotations``, ``translations`` float32 (float64 for a float64 encoder).
+    Every tensor is contiguous."""
 
     s: torch.Tensor  #: [B, N, c_s] geometry-aware node embeddings
     rotations: torch.Tensor  #: [B, N, 3, 3] updated frame rotations
@@ -95,6 +96,8 @@ class IPAEncoder(ExportMixin, nn.Module):
 
     config_class = EncoderConfig
     _warned_ca_spacing: bool = False
+    #: the config fields tensor shapes determine (read by :func:`~ipa_export.export.format.read_header`)
+    implied_config = staticmethod(implied_config)
 
     def __init__(self, config: EncoderConfig | None = None, **overrides: Any):
         super().__init__()
@@ -116,7 +119,7 @@ class IPAEncoder(ExportMixin, nn.Module):
         compile_cache: bool | str | os.PathLike = True,
         trust_compile_cache: bool = False,
         **kwargs: Any,
-    ) -> IPAEncoder:
+    ) -> IPAEncoder | CompiledEncoder:
         """Load a frozen encoder (``eval()``, no gradients) from an export directory or Hub repo id.
 
         Takes the options of :meth:`ExportMixin.from_pretrained
@@ -127,7 +130,7 @@ class IPAEncoder(ExportMixin, nn.Module):
         :func:`ipa_export.model.compiling.compile_encoder` (fullgraph, dynamic, one graph for all
         batch sizes), after loading the compile cache ``compile_cache`` names (``True``: the
         one this machine saved for this export in the user's cache directory,
-        :func:`~ipa_export.model.compiling.compile_cache_file`, when present; ``False``: none;
+        :func:`~ipa_export.export.compile_cache.compile_cache_file`, when present; ``False``: none;
         a path: that file, only with ``trust_compile_cache=True``, since loading a compile cache
         runs the code it holds). Nothing inside an export is ever loaded as a compile cache.
         """
@@ -135,65 +138,8 @@ class IPAEncoder(ExportMixin, nn.Module):
         encoder = super().from_pretrained(path_or_repo_id, config_overrides=overrides or None, **kwargs)
         if not compile:
             return encoder
-        return compile_pretrained(  # type: ignore[return-value]
-            encoder, encoder.export_directory, kwargs.get("device"), compile_cache, trust_compile_cache
-        )
-
-    @classmethod
-    def implied_config(
-        cls, shapes: Mapping[str, Sequence[int]], name: Callable[[str], str] = str
-    ) -> tuple[dict[str, int], list[str]]:
-        """The config fields that tensor shapes (IPAEncoder names) determine, read from the
-        shapes alone: no model is built, so a hostile config costs nothing. Returns
-        ``(fields, problems)``: fields whose tensors are absent are left out; each malformed
-        tensor is a problem naming it (``name`` maps keys for messages)."""
-        fields: dict[str, int | None] = {}
-        problems: list[str] = []
-
-        def shape(key: str, ndim: int) -> Sequence[int] | None:
-            found = shapes.get(key)
-            if found is not None and (len(found) != ndim or min(found) <= 0):
-                problems.append(f"tensor {name(key)}: expected {ndim} non-empty dimension(s), got shape {list(found)}")
-                return None
-            return found
-
-        def quotient(key: str, size: int, divisor: int, what: str) -> int | None:
-            if divisor <= 0 or size % divisor:
-                problems.append(f"tensor {name(key)}: size {size} is not a multiple of {what} = {divisor}")
-                return None
-            return size // divisor
-
-        edge, block = "edge_embedder.", "ipa_stack.ipa_blocks.0.ipa."
-        blocks = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"ipa_stack\.ipa_blocks\.(\d+)\.", k))})
-        fields["depth"] = len(blocks)
-        if blocks != list(range(len(blocks))):
-            problems.append(f"tensor {name('ipa_stack.ipa_blocks')}: block numbers {blocks[:8]} are not 0, 1, 2, ...")
-        if norm := shape("ipa_stack.final_norm.weight", 1):
-            fields["c_s"] = norm[0]
-        if embedding := shape("residue_embedding.weight", 2):
-            fields["num_residue_types"] = embedding[0]
-        if heads := shape(block + "linear_b.weight", 2):
-            h = fields["no_heads"] = heads[0]
-            if q := shape(block + "linear_q.weight", 2):
-                fields["c_hidden"] = quotient(block + "linear_q.weight", q[0], h, "no_heads")
-            if qp := shape(block + "linear_q_points.weight", 2):
-                fields["no_qk_points"] = quotient(block + "linear_q_points.weight", qp[0], 3 * h, "3 no_heads")
-            kvp = shape(block + "linear_kv_points.weight", 2)
-            if kvp and (kv := quotient(block + "linear_kv_points.weight", kvp[0], 3 * h, "3 no_heads")):
-                fields["no_v_points"] = kv - fields["no_qk_points"] if fields.get("no_qk_points") else None
-        if mlp := shape(edge + "edge_embedder.0.weight", 2):
-            fields["c_p"] = mlp[0]
-        if relpos := shape(edge + "linear_relpos.weight", 2):
-            f = fields["feat_dim"] = relpos[1]
-            s_p, t = shape(edge + "linear_s_p.weight", 2), shape(edge + "linear_t_distogram.weight", 2)
-            if s_p and t and (rank := quotient(edge + "linear_s_p.weight", s_p[0], 2 * f, "2 feat_dim")):
-                fields["z_factor_rank"] = rank
-                bins = fields["num_bins"] = quotient(edge + "linear_t_distogram.weight", t[0], 2 * rank, "2 rank")
-                if bins:
-                    fields["knn_k"] = quotient(edge + "linear_t_distogram.weight", t[1], bins + f, "bins + feat_dim")
-        if compressor := shape(edge + "factorizer.length_compressor.weight", 2):
-            fields["z_factor_rank"], fields["max_len"] = compressor
-        return {k: v for k, v in fields.items() if v is not None}, problems
+        load_export_compile_cache(encoder.export_directory, kwargs.get("device"), compile_cache, trust_compile_cache)
+        return compile_encoder(encoder)
 
     def attention_backend(self, device: torch.device | str | None = None) -> str:
         """The attention backend that ``config.attention`` resolves to on ``device``

@@ -19,6 +19,12 @@ class Frames(NamedTuple):
     translations: torch.Tensor
 
 
+def geometry_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype geometry is computed in for inputs or parameters of ``dtype``: float64 for
+    float64, else float32 (coordinates, distances, frames and points are never rounded to 16 bits)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[..., N, C], [..., N] bool -> [..., C]: the mean over the valid residues (0 if none), e.g. a
     protein's centroid or its pooled embedding."""

@@ -32,7 +32,7 @@ from torch import nn
 from ..config import EncoderConfig
 from . import frames
 from .attention import ATTN_DTYPES, attend, concat_padded, head_sizes
-from .low_precision import anchored_attention, point_terms
+from .low_precision import anchored_attention, compensated_product, point_terms
 from .pair_attention import attend_with_pair
 
 POINT_NORM_EPS = 1e-8
@@ -66,7 +66,7 @@ class InvariantPointAttention(nn.Module):
     ) -> torch.Tensor:
         """[B, N, c_s] -> [B, N, H, P, 3] points in global coordinates. The linear output
         is read as x, y, z blocks of H * P, as in the reference."""
-        local = torch.stack(linear(s).float().chunk(3, dim=-1), dim=-1)  # [B, N, H*P, 3], fp32
+        local = torch.stack(linear(s).to(rotations.dtype).chunk(3, dim=-1), dim=-1)  # [B, N, H*P, 3], geometry dtype
         return frames.apply(rotations[:, :, None], translations[:, :, None], local).unflatten(2, (self.heads, -1))
 
     def forward(
@@ -86,7 +86,8 @@ class InvariantPointAttention(nn.Module):
         Returns the update [B, N, c_s]."""
         batch, length, _ = s.shape
         heads, hidden = self.heads, self.c_hidden
-        rotations, translations = rotations.float(), translations.float()
+        geometry = frames.geometry_dtype(s.dtype)  # fp32 (fp64 for an fp64 model)
+        rotations, translations = rotations.to(geometry), translations.to(geometry)
         translations = translations - frames.masked_mean(translations, mask)[:, None]  # centred
 
         q = self.linear_q(s).unflatten(-1, (heads, hidden))  # [B, N, H, C]
@@ -103,13 +104,14 @@ class InvariantPointAttention(nn.Module):
             b1 = b2 = s.new_zeros(batch, length, heads, 0)
             pair_1 = pair_2 = s.new_zeros(batch, length, 0, 0)
 
-        weight = F.softplus(self.head_weights.float()) * math.sqrt(1.0 / (3 * self.qk_points * 9.0 / 2))  # [H]
+        weight = F.softplus(self.head_weights.to(geometry)) * math.sqrt(1.0 / (3 * self.qk_points * 9.0 / 2))  # [H]
         weight = weight[:, None]
         q = q / math.sqrt(3 * hidden)
         v_pair = pair_2.flatten(-2)[:, :, None].expand(-1, -1, heads, -1)  # [B, N, H, R c_z/4]
         if pair is None and self.attn_dtype.itemsize < 4:
+            b1_terms, b2_terms = compensated_product(b1, b2, self.attn_dtype)  # the pair bias b1.b2 is large
             scalar, o_pts = anchored_attention(
-                torch.cat([q, b1], dim=-1), torch.cat([k, b2], dim=-1), q_pts, k_pts, weight,
+                torch.cat([q, *b1_terms], dim=-1), torch.cat([k, *b2_terms], dim=-1), q_pts, k_pts, weight,
                 torch.cat([v, v_pair], dim=-1), v_pts - translations[:, :, None, None], translations, mask,
                 self.attn_dtype, backend,
             )  # fmt: skip
@@ -117,25 +119,27 @@ class InvariantPointAttention(nn.Module):
             o_pts = frames.invert_rotate(rotations[:, :, None, None], o_pts)  # [B, N, H, P_v, 3], local frame
         else:  # fp32, or the dense pair path (computes in fp32)
             k_norms = -0.5 * weight * k_pts.square().sum((-1, -2))[..., None]  # [B, N, H, 1]
-            q_terms, k_terms = point_terms(weight * q_pts.flatten(-2), k_pts.flatten(-2), k_norms, torch.float32)
+            q_terms, k_terms = point_terms(weight * q_pts.flatten(-2), k_pts.flatten(-2), k_norms, geometry)
             q_parts, k_parts = [q, *q_terms, b1], [k, *k_terms, b2]
             v_aug = torch.cat([v, v_pts.flatten(-2), v_pair], dim=-1).transpose(1, 2)
             if pair is None:  # q/k written at the kernel's head size: attend copies nothing to pad them
                 qk_width = sum(part.shape[-1] for part in q_parts)
                 head, _ = head_sizes(qk_width, v_aug.shape[-1], backend == "flash_attn" or s.is_cuda)
                 q_aug, k_aug = (concat_padded(parts, head).transpose(1, 2) for parts in (q_parts, k_parts))
-                out = attend(*(x.to(self.attn_dtype) for x in (q_aug, k_aug, v_aug)), mask, backend)
+                attn_dtype = geometry if self.attn_dtype == torch.float32 else self.attn_dtype
+                out = attend(*(x.to(attn_dtype) for x in (q_aug, k_aug, v_aug)), mask, backend)
             else:
                 q_aug, k_aug = (torch.cat(parts, dim=-1).transpose(1, 2) for parts in (q_parts, k_parts))
                 out, dense_pair = attend_with_pair(q_aug, k_aug, v_aug, mask, pair, self.linear_b, self.down_z)
-            out = out.transpose(1, 2).float()  # [B, N, H, E_v]
+            out = out.transpose(1, 2).to(geometry)  # [B, N, H, E_v]
             o, o_pts, o_pair = out.split([hidden, 3 * self.v_points, v_pair.shape[-1]], dim=-1)
             o_pts = frames.invert_apply(
                 rotations[:, :, None, None], translations[:, :, None, None], o_pts.unflatten(-1, (self.v_points, 3))
             )  # [B, N, H, P_v, 3], local frame
         rank = pair_2.shape[-2]
         o_pts_norm = torch.sqrt(o_pts.square().sum(-1) + POINT_NORM_EPS)  # [B, N, H, P_v]
-        o_pair = (pair_1.float()[:, :, None] * o_pair.unflatten(-1, (rank, pair_1.shape[-1]))).sum(-2)  # [B, N, H, d]
+        pair_1 = pair_1.to(geometry)[:, :, None]  # [B, N, 1, R, d]
+        o_pair = (pair_1 * o_pair.unflatten(-1, (rank, pair_1.shape[-1]))).sum(-2)  # [B, N, H, d]
         if pair is not None:
             o_pair = o_pair + dense_pair
         features = [o.flatten(2), *o_pts.flatten(2, 3).unbind(-1), o_pts_norm.flatten(2), o_pair.flatten(2)]

@@ -1,4 +1,4 @@
-"""Exact k-nearest-neighbour search in O(N) memory, stable under rotation for tied distances.
+"""Exact k-nearest-neighbour search in O(N) memory.
 
 :func:`knn` returns neighbour indices and their distances. The indices come from the custom op
 ``ipa_export::knn`` (opaque to ``torch.compile``: no graph break, no recompilation for new
@@ -6,67 +6,75 @@ lengths); the distances are computed outside it with ordinary differentiable ten
 ``torch.func.grad``/``jacrev``/``jvp``/``vmap`` and ``backward`` pass through (the indices are
 piecewise constant and carry no gradient).
 
+**Order.** Neighbours are ordered by :func:`pair_distances`, ``|x_i - x_j|`` of the given
+coordinates in the geometry dtype (float32, float64 for float64 input), the values the
+reference's ``torch.norm(x_i - x_j)`` computes; exactly equal values go by residue index. So a
+real chain gets the neighbours, order and k-th slot of the reference, and of the exact answer
+wherever rounding cannot decide. With ``tie_tolerance`` > 0 (Angstrom; the config's
+``knn_tie_tolerance``) distances closer than that are tied too (chained: each gap below it
+joins the next candidate to the group) and ordered by index, so idealised geometry whose
+distances are equal in exact arithmetic (a line, a grid, an ideal helix) gives the same
+neighbours whatever the rotation or placement of the input, as long as rounding moves its
+distances by less than the tolerance.
+
 The search, per chunk of ``chunk_size`` query rows (largest temporary [B, chunk_size, N]):
 
 1. squared distances of the chunk to all residues by one GEMM (coordinates centred on the
    protein's centroid), the ``k + 8`` smallest taken as candidates (see :func:`smallest`);
-2. exact direct-difference distances ``|x_i - x_j|`` (float32) for the candidates;
-3. candidates sorted by distance, then grouped: a sorted gap below the tie tolerance joins the
-   next candidate to the current group (chained). Groups are ordered by distance and the
-   residues inside a group by index, so distances that are equal up to rounding (a line, a
-   grid, an ideal helix, any chain's two bonded neighbours) give the same order and the same
-   k-th-slot membership whatever the rotation of the input;
-4. the result is certified: the tie group at the k-th slot must end before the last
-   candidate, and no residue outside the candidates can be within the tolerance of it (the
-   GEMM's rounding error bounded); rows that fail retry with twice the candidates, up to all.
-
-Tie tolerance: ``TIE_ATOL + TIE_RTOL * radius`` Angstrom, radius = max distance of a valid
-residue from the protein's centroid (2e-4 A for a protein of radius 100 A, 5e-4 A at 400 A).
-Distances further apart than that are ordered as before, by distance then index.
+2. the candidates' exact distances (:func:`pair_distances`), sorted into tie groups as above;
+3. the result is certified: the tie group at the k-th slot must end before the last
+   candidate, and no residue outside the candidates can be as close as that group's end plus
+   the tolerance (the GEMM's rounding error bounded); rows that fail retry with twice the
+   candidates, up to all.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .frames import masked_mean
+from .frames import geometry_dtype, masked_mean
 
 DEFAULT_CHUNK_SIZE = 256
-TIE_ATOL = 1e-4  #: Angstrom
-TIE_RTOL = 1e-6  #: times the protein's radius (Angstrom)
 EXTRA_CANDIDATES = 8
-BLOCK = 64  #: columns per block of the candidate pre-selection (see smallest)
+BLOCK_COLUMNS = 64  #: columns per block of the candidate pre-selection (see smallest)
 _GEMM_RTOL = 1e-5  # bound on the GEMM squared-distance error, relative to the squared radius
 
 
+def pair_distances(x: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """``|x_i - x_j|``: x [..., 3], neighbours [..., k, 3] (Angstrom) -> [..., k], the way the
+    reference computes its kNN distances (difference, then the 2-norm)."""
+    return torch.linalg.vector_norm(x[..., None, :] - neighbours, dim=-1)
+
+
 @torch.library.custom_op("ipa_export::knn", mutates_args=())
-def knn_indices(coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+def knn_indices(
+    coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE, tie_tolerance: float = 0.0
+) -> torch.Tensor:
     """Indices [B, N, k] int64 of the k nearest other valid residues, nearest first (ties, see
     the module docstring, by index); -1 where there is no neighbour (fewer than k other valid
-    residues, or a padded query). coords [B, N, 3] float (Angstrom); mask [B, N] bool."""
+    residues, or a padded query). coords [B, N, 3] float (Angstrom); mask [B, N] bool;
+    tie_tolerance >= 0 Angstrom."""
     batch, length, _ = coords.shape
     indices = torch.full((batch, length, k), -1, dtype=torch.long, device=coords.device)
     k_found = min(k, max(length - 1, 0))
     if k_found == 0:
         return indices
     valid = mask[..., None]
-    x = torch.where(valid, coords.float(), 0.0)  # whatever padded positions hold (even NaN)
-    x = torch.where(valid, x - masked_mean(x, mask)[:, None], 0.0)  # [B, N, 3], centred
-    squares = x.square().sum(-1)  # [B, N]
-    radius2 = squares.amax(-1)[:, None, None]  # [B, 1, 1]
-    tol = TIE_ATOL + TIE_RTOL * radius2.sqrt()
-    gemm_error = _GEMM_RTOL * 4 * radius2
+    x = torch.where(valid, coords.to(geometry_dtype(coords.dtype)), 0.0)  # whatever padded positions hold (even NaN)
+    centred = torch.where(valid, x - masked_mean(x, mask)[:, None], 0.0)  # [B, N, 3], for the GEMM
+    squares = centred.square().sum(-1)  # [B, N]
+    gemm_error = _GEMM_RTOL * 4 * squares.amax(-1)[:, None, None]  # [B, 1, 1], bounds |GEMM d2 - exact d2|
     ones = torch.ones_like(squares)[..., None]
     # d2[i, j] = |x_i|^2 + |x_j|^2 - 2 x_i.x_j as one product; padded columns get +inf.
-    lhs = torch.cat([x, squares[..., None], ones], dim=-1)  # [B, N, 5]
-    rhs = torch.cat([-2 * x, ones, squares.masked_fill(~mask, float("inf"))[..., None]], dim=-1).transpose(1, 2)
+    lhs = torch.cat([centred, squares[..., None], ones], dim=-1)  # [B, N, 5]
+    rhs = torch.cat([-2 * centred, ones, squares.masked_fill(~mask, float("inf"))[..., None]], dim=-1).transpose(1, 2)
     columns = torch.arange(length, device=coords.device)
     buffer = x.new_empty(batch * min(chunk_size, length) * length)  # one [B, n, N] block, reused
     for start in range(0, length, chunk_size):
         rows = columns[start : start + chunk_size]
         d2 = torch.bmm(lhs[:, rows], rhs, out=buffer[: batch * len(rows) * length].view(batch, len(rows), length))
         d2[:, torch.arange(len(rows), device=coords.device), rows] = float("inf")  # not itself
-        indices[:, rows, :k_found] = _select(d2, x, rows, mask[:, rows], k_found, tol, gemm_error)
+        indices[:, rows, :k_found] = _select(d2, x, rows, mask[:, rows], k_found, tie_tolerance, gemm_error)
     return indices
 
 
@@ -76,21 +84,20 @@ def _select(
     rows: torch.Tensor,
     row_mask: torch.Tensor,
     k: int,
-    tol: torch.Tensor,
+    tol: float,
     gemm_error: torch.Tensor,
 ) -> torch.Tensor:
-    """Certified tie-banded top-k of one chunk: d2 [B, n, N] GEMM squared distances (inf for
-    excluded columns), x [B, N, 3] centred coordinates -> indices [B, n, k] (-1: none)."""
+    """Certified top-k of one chunk in (tie group, index) order: d2 [B, n, N] GEMM squared
+    distances (inf for excluded columns), x [B, N, 3] coordinates -> indices [B, n, k] (-1: none)."""
     length = d2.shape[-1]
     count = min(k + EXTRA_CANDIDATES, length)
     while True:
         approx, candidates = smallest(d2, count)  # [B, n, c]
         neighbours = x.gather(1, candidates.flatten(1)[..., None].expand(-1, -1, 3)).unflatten(1, candidates.shape[1:])
-        exact = torch.linalg.vector_norm(x[:, rows, None, :] - neighbours, dim=-1)
-        exact = torch.where(torch.isinf(approx), float("inf"), exact)
+        exact = torch.where(torch.isinf(approx), float("inf"), pair_distances(x[:, rows], neighbours))
         exact, order = torch.sort(exact, dim=-1, stable=True)
         candidates = candidates.gather(-1, order)
-        starts = ~(exact.diff(dim=-1) < tol)  # a gap of at least tol (or inf/nan) starts a group
+        starts = ~(exact.diff(dim=-1) <= tol)  # a gap above tol (or inf/nan) starts a group
         group = torch.cat([torch.zeros_like(starts[..., :1]), starts], dim=-1).long().cumsum(-1)
         order = torch.sort(group * length + candidates, dim=-1).indices[..., :k]
         chosen, chosen_distance = candidates.gather(-1, order), exact.gather(-1, order)
@@ -98,8 +105,9 @@ def _select(
             break
         last_group = group.gather(-1, order[..., -1:])
         group_end = torch.where(group == last_group, exact, -float("inf")).amax(-1, keepdim=True)
-        outside = approx.amax(-1, keepdim=True)  # no residue outside the candidates is closer (up to rounding)
-        certified = (group[..., -1:] > last_group) & ((outside - gemm_error).clamp(min=0).sqrt() >= group_end + tol)
+        outside = approx.amax(-1, keepdim=True)  # every residue outside the candidates is at least this far (GEMM)
+        closest_outside = (outside - gemm_error).clamp(min=0).sqrt()
+        certified = (group[..., -1:] > last_group) & (closest_outside > group_end + tol)
         if bool((certified | torch.isinf(outside) | ~row_mask[..., None]).all()):
             break
         count = min(2 * count, length)
@@ -111,36 +119,38 @@ def smallest(d2: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     ``torch.topk(d2, count, largest=False)`` (among equal values at the count-th place, which
     ones are returned may differ). d2 [..., N] -> values, indices [..., count].
 
-    Long rows are searched in blocks of ``BLOCK`` columns: the count smallest values lie in the
+    Long rows are searched in blocks of ``BLOCK_COLUMNS`` columns: the count smallest values lie in the
     count blocks with the smallest minima (a value outside them is preceded by those blocks'
     count minima) or in the last, partial block; only those columns go through ``topk``."""
     length = d2.shape[-1]
-    blocks = length // BLOCK
-    if count * BLOCK * 4 > length:
+    blocks = length // BLOCK_COLUMNS
+    if count * BLOCK_COLUMNS * 4 > length:
         return torch.topk(d2, count, dim=-1, largest=False, sorted=False)
-    minima = d2[..., : blocks * BLOCK].unflatten(-1, (blocks, BLOCK)).amin(-1)  # [..., blocks]
+    minima = d2[..., : blocks * BLOCK_COLUMNS].unflatten(-1, (blocks, BLOCK_COLUMNS)).amin(-1)  # [..., blocks]
     chosen = torch.topk(minima, count, dim=-1, largest=False, sorted=False).indices
-    offsets = torch.arange(BLOCK, device=d2.device)
-    columns = (chosen[..., None] * BLOCK + offsets).flatten(-2)  # [..., count * BLOCK]
-    rest = torch.arange(blocks * BLOCK, length, device=d2.device).expand(*columns.shape[:-1], -1)
+    offsets = torch.arange(BLOCK_COLUMNS, device=d2.device)
+    columns = (chosen[..., None] * BLOCK_COLUMNS + offsets).flatten(-2)  # [..., count * BLOCK_COLUMNS]
+    rest = torch.arange(blocks * BLOCK_COLUMNS, length, device=d2.device).expand(*columns.shape[:-1], -1)
     columns = torch.cat([columns, rest], dim=-1)
     values, picked = torch.topk(d2.gather(-1, columns), count, dim=-1, largest=False, sorted=False)
     return values, columns.gather(-1, picked)
 
 
 @knn_indices.register_fake
-def _(coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+def _(
+    coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE, tie_tolerance: float = 0.0
+) -> torch.Tensor:
     batch, length, _ = coords.shape
     return coords.new_empty((batch, length, k), dtype=torch.long)
 
 
-def _knn_vmap(info, in_dims, coords, mask, k, chunk_size=DEFAULT_CHUNK_SIZE):
+def _knn_vmap(info, in_dims, coords, mask, k, chunk_size=DEFAULT_CHUNK_SIZE, tie_tolerance=0.0):
     """vmap rule: fold the vmapped dimension into the batch dimension."""
     size = info.batch_size
     coords_dim, mask_dim = in_dims[:2]
     coords = coords.movedim(coords_dim, 0) if coords_dim is not None else coords.expand(size, *coords.shape)
     mask = mask.movedim(mask_dim, 0) if mask_dim is not None else mask.expand(size, *mask.shape)
-    found = knn_indices(coords.flatten(0, 1), mask.flatten(0, 1), k, chunk_size)
+    found = knn_indices(coords.flatten(0, 1), mask.flatten(0, 1), k, chunk_size, tie_tolerance)
     return found.unflatten(0, (size, -1)), 0
 
 
@@ -148,22 +158,28 @@ torch.library.register_vmap("ipa_export::knn", _knn_vmap)
 
 
 def knn(
-    coords: torch.Tensor, mask: torch.Tensor, k: int, chunk_size: int = DEFAULT_CHUNK_SIZE
+    coords: torch.Tensor,
+    mask: torch.Tensor,
+    k: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    tie_tolerance: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest other valid residues of each residue.
 
-    coords [B, N, 3] float (Angstrom); mask [B, N] bool. Returns ``(distances [B, N, k]
-    float32, indices [B, N, k] int64)``, nearest first; an empty slot has distance ``inf``
-    and index -1. Distances are ``|x_i - x_j|`` in float32, differentiable in ``coords``.
+    coords [B, N, 3] float (Angstrom); mask [B, N] bool; tie_tolerance (Angstrom, see the module
+    docstring). Returns ``(distances [B, N, k], indices [B, N, k] int64)``, nearest first; an
+    empty slot has distance ``inf`` and index -1. Distances are :func:`pair_distances` in the
+    geometry dtype (float32, float64 for float64 coords), differentiable in ``coords``.
     """
-    indices = knn_indices(coords.detach(), mask, k, chunk_size)
+    indices = knn_indices(coords.detach(), mask, k, chunk_size, tie_tolerance)
     return neighbour_distances(coords, indices), indices
 
 
 def neighbour_distances(coords: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``|x_i - x_j|`` [B, N, k] float32 (Angstrom) for coords [B, N, 3] and neighbour indices
-    [B, N, k] int64 (-1: no neighbour, distance ``inf``); differentiable in ``coords``."""
-    coords = coords.float()
+    """:func:`pair_distances` [B, N, k] (Angstrom, in the geometry dtype) from coords [B, N, 3] to
+    the neighbours ``indices`` [B, N, k] int64 (-1: no neighbour, distance ``inf``);
+    differentiable in ``coords``."""
+    coords = coords.to(geometry_dtype(coords.dtype))
     neighbours = coords.gather(1, indices.clamp(min=0).flatten(1)[..., None].expand(-1, -1, 3))
-    distances = torch.linalg.vector_norm(coords[:, :, None, :] - neighbours.unflatten(1, indices.shape[1:]), dim=-1)
+    distances = pair_distances(coords, neighbours.unflatten(1, indices.shape[1:]))
     return torch.where(indices >= 0, distances, float("inf"))

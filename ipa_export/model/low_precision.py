@@ -26,9 +26,16 @@ Three remedies, each exact in exact arithmetic:
   and as ``t_j - c_m`` for each ``SUB``-residue sub-block m of the query block (its anchor
   ``c_m``): 3 channels per sub-block. Each query reads the channels of its own sub-block, and
   attention weights sum to one, so its output is ``sum_j a_ij x_j - c_m``, relative to an anchor
-  at most ``SUB`` residues away.
+  at most ``SUB`` residues away. Keys and anchors are rounded to a common grid (a power of two,
+  :func:`_grid_step`) so that ``t_j - c_m`` is exact in the attention dtype; the remainders (at
+  most half a step, the same for every sub-block) take 3 more channels.
 
-With ``BLOCK = 64`` and ``SUB = 2`` a block adds 96 value channels (32 sub-blocks); on CUDA a
+The pair bias ``b1.b2`` is compensated as the point terms are (:func:`compensated_product`, in
+ipa.py). What is left is mostly the kernels' own rounding of their outputs (and of the softmax
+weights) to the attention dtype, which no change of the inputs removes
+(``bench/results/precision.txt``).
+
+With ``BLOCK = 64`` and ``SUB = 2`` a block adds 99 value channels (32 sub-blocks); on CUDA a
 value head past the kernels' 256 channels is attended in two chunks (:func:`.attention.attend`).
 Each block needs its own keys and values: on the CPU one block is attended per kernel call,
 reusing one k/v buffer; on CUDA blocks go in groups, as extra batch entries (:data:`GROUP_KEYS`),
@@ -38,6 +45,7 @@ so that the number of kernel launches does not grow with N.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +76,17 @@ def point_terms(
     if torch.finfo(dtype).bits >= 32:  # the inputs' own precision
         return [q_points, torch.ones_like(q_points[..., :1])], [k_points, k_norms]
     one = torch.ones_like(q_points[..., :1], dtype=dtype)
-    (q_hi, q_lo), (k_hi, k_lo), (n_hi, n_lo) = (_split(x, dtype) for x in (q_points, k_points, k_norms))
-    return [q_hi, q_hi, q_lo, one, one], [k_hi, k_lo, k_hi, n_hi, n_lo]
+    q_terms, k_terms = compensated_product(q_points, k_points, dtype)
+    return [*q_terms, one, one], [*k_terms, *_split(k_norms, dtype)]
+
+
+def compensated_product(
+    q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """q [..., E], k [..., E] -> ``[q_hi, q_hi, q_lo]``, ``[k_hi, k_lo, k_hi]`` in ``dtype`` (bf16 /
+    fp16; see :func:`_split`), whose dot product is ``q.k`` to about twice the dtype's bits."""
+    (q_hi, q_lo), (k_hi, k_lo) = _split(q, dtype), _split(k, dtype)
+    return [q_hi, q_hi, q_lo], [k_hi, k_lo, k_hi]
 
 
 def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +100,23 @@ def _split(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     high = (exact.view(torch.int32) & _HIGH_BITS[dtype]).view(torch.float32)
     hi = x + (high - exact)  # == high exactly; derivative 1, so hi.k_hi + ... has q.k's derivatives
     return hi.to(dtype), (x - hi).to(dtype)
+
+
+def _grid_step(key_offsets: torch.Tensor, sub_offsets: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype):
+    """The smallest power of two (at least 2^-10 Angstrom) ``h`` with every difference of a key's and a
+    sub-block's grid point at most ``2^p h`` (p = ``dtype``'s significand bits), so exact in ``dtype``.
+
+    key_offsets [..., N, 3], sub_offsets [..., M, 3] (Angstrom), mask [..., N] bool -> [..., 1, 1].
+    """
+    reach = key_offsets.detach().abs().masked_fill(~mask[..., None], 0).amax((-1, -2))
+    reach = reach + sub_offsets.detach().abs().amax((-1, -2))
+    limit = 2.0 ** (1 - math.log2(torch.finfo(dtype).eps)) - 1
+    return torch.exp2(torch.ceil(torch.log2(reach / limit)).clamp(min=-10))[..., None, None]
+
+
+def _on_grid(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to a multiple of ``step``, with derivative 1 (as :func:`_split`'s high part)."""
+    return x + (torch.round(x.detach() / step) * step - x.detach())
 
 
 def _written(target: torch.Tensor, start: int, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -138,12 +172,11 @@ def anchored_attention(
         queries.unflatten(2, (sub_count, sub)), valid.unflatten(2, (sub_count, sub))
     )  # [B, nb, M, 3]
     own = torch.arange(size, device=q_scalar.device) // sub  # each query's sub-block
-    to_own = sub_anchors[:, :, own] - queries  # [B, nb, S, 3]: own sub-block's anchor minus the query
     q_points = F.pad(q_points, (0, 0, 0, 0, 0, 0, 0, padded)).unflatten(1, (blocks, size))  # [B, nb, S, H, P, 3]
     q_fixed = F.pad(q_scalar, (0, 0, 0, 0, 0, padded)).unflatten(1, (blocks, size)).to(dtype)  # [B, nb, S, H, E]
 
     qk_width = q_scalar.shape[-1] + 9 * q_points.shape[-2] + 2  # see point_terms
-    v_width = v_fixed.shape[-1] + 3 * sub_count
+    v_width = v_fixed.shape[-1] + 3 * sub_count + 3  # see attend_blocks
     head, chunk = head_sizes(qk_width, v_width, limited)
     v_total = head if chunk >= v_width else -(-v_width // chunk) * chunk  # as attend pads it
     group = max(1, min(blocks, GROUP_KEYS.get(q_scalar.device.type, 0) // (batch * length)))  # blocks a call
@@ -166,20 +199,28 @@ def anchored_attention(
         k_rel = k_points[:, None] - anchor  # [B, G, N, H, P, 3]
         k_norms = -0.5 * weight * k_rel.square().sum((-1, -2))[..., None]  # [B, G, N, H, 1]
         q_terms, k_terms = point_terms(q_rel, k_rel.flatten(-2), k_norms, dtype)
-        to_anchors = translations[:, None, :, None] - sub_anchors[:, part, None]  # [B, G, N, M, 3]
+        # Key positions relative to each sub-block's anchor, exact in dtype: both on a grid, the
+        # remainder (at most half a step, the same for every sub-block) in 3 more channels.
+        centre = anchors[:, part]  # [B, G, 1, 3]
+        key_offsets, sub_offsets = translations[:, None] - centre, sub_anchors[:, part] - centre
+        step = _grid_step(key_offsets, sub_offsets, mask[:, None], dtype)  # [B, G, 1, 1]
+        key_grid, sub_grid = _on_grid(key_offsets, step), _on_grid(sub_offsets, step)
+        to_anchors = key_grid[:, :, :, None] - sub_grid[:, :, None]  # [B, G, N, M, 3]
+        remainders = key_offsets - key_grid  # [B, G, N, 3]
 
         q_aug = concat_padded([q_fixed[:, part], *q_terms], head).flatten(0, 1).transpose(1, 2)
         k_aug, v_aug = (x[:, :count].clone() if recording else x[:, :count] for x in (k_template, v_template))
         k_aug = _written(k_aug, k_scalar.shape[-1], [term.transpose(2, 3) for term in k_terms])
-        v_aug = _written(v_aug, v_fixed.shape[-1], [to_anchors.flatten(-2)[:, :, None]])
+        v_aug = _written(v_aug, v_fixed.shape[-1], [to_anchors.flatten(-2)[:, :, None], remainders[:, :, None]])
         key_mask = mask[:, None].expand(-1, count, -1).flatten(0, 1)
         out = attend(q_aug, k_aug.flatten(0, 1), v_aug.flatten(0, 1), key_mask, backend)
         out = out.transpose(1, 2).unflatten(0, (batch, count)).float()  # [B, G, S, H, E_v]
-        scalar, offsets, anchored = out[..., :v_width].split(
-            [v_scalar.shape[-1], v_offsets.shape[-2] * 3, 3 * sub_count], -1
+        scalar, offsets, anchored, remainder = out[..., :v_width].split(
+            [v_scalar.shape[-1], v_offsets.shape[-2] * 3, 3 * sub_count, 3], -1
         )
         anchored = anchored.unflatten(-1, (sub_count, 3)).take_along_dim(own[None, None, :, None, None, None], dim=-2)
-        anchored = anchored.squeeze(-2) + to_own[:, part, :, None]  # [B, G, S, H, 3]
+        to_own = centre + sub_grid[:, :, own] - queries[:, part]  # [B, G, S, 3]: own grid anchor minus the query
+        anchored = anchored.squeeze(-2) + remainder + to_own[:, :, :, None]  # [B, G, S, H, 3]
         return scalar.flatten(1, 2), (offsets.unflatten(-1, (-1, 3)) + anchored[..., None, :]).flatten(1, 2)
 
     run = attend_blocks

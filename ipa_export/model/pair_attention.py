@@ -25,10 +25,11 @@ def attend_with_pair(
     down_z: nn.Linear,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k [B, H, N, E]; v [B, H, N, E_v]; key_mask [B, N] bool; pair [B, N, N, c_z]
-    -> (attention output [B, H, N, E_v], o_pair [B, N, H, c_z // 4]), in fp32."""
+    -> (attention output [B, H, N, E_v], o_pair [B, N, H, c_z // 4]), in fp32 (fp64 for fp64 q)."""
+    wide = torch.promote_types(q.dtype, torch.float32)
     bias = math.sqrt(1.0 / 3) * linear_b(pair).permute(0, 3, 1, 2)  # [B, H, N, N]
-    logits = (q.float() @ k.float().transpose(-1, -2) + bias.float()).masked_fill(
+    logits = (q.to(wide) @ k.to(wide).transpose(-1, -2) + bias.to(wide)).masked_fill(
         ~key_mask[:, None, None, :], float("-inf")
     )
     weights = torch.softmax(logits, dim=-1)
-    return weights @ v.float(), torch.einsum("bhij,bijd->bihd", weights, down_z(pair).float())
+    return weights @ v.to(wide), torch.einsum("bhij,bijd->bihd", weights, down_z(pair).to(wide))

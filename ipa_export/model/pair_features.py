@@ -21,6 +21,8 @@ from torch import nn
 from ..config import EncoderConfig
 from ..errors import InputError
 from .edge_embedder import distogram, edge_mlp, index_embedding
+from .frames import geometry_dtype
+from .knn import pair_distances
 
 
 def pair_distogram(coords: torch.Tensor, node_mask: torch.Tensor, num_bins: int) -> torch.Tensor:
@@ -28,8 +30,8 @@ def pair_distogram(coords: torch.Tensor, node_mask: torch.Tensor, num_bins: int)
 
     Distances are exact differences (a matmul-based ``cdist`` moves the zero self-distance
     into the first bin); padded coordinates are ignored."""
-    coords = torch.where(node_mask[..., None], coords.float(), 0.0)
-    return distogram(torch.linalg.vector_norm(coords[:, :, None] - coords[:, None], dim=-1), num_bins)
+    coords = torch.where(node_mask[..., None], coords.to(geometry_dtype(coords.dtype)), 0.0)
+    return distogram(pair_distances(coords, coords[:, None]), num_bins)
 
 
 class PairEmbedder(nn.Module):

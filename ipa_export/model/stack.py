@@ -45,7 +45,7 @@ class BackboneUpdate(nn.Module):
         self.clip = config.frame_update_clip
 
     def forward(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        axis_angle, translation = self.net(s).float().split(3, dim=-1)
+        axis_angle, translation = self.net(s).to(frames.geometry_dtype(s.dtype)).split(3, dim=-1)
         return (
             scale_update(axis_angle, self.max_rotation, self.clip),
             scale_update(translation, self.max_translation, self.clip),
@@ -96,10 +96,14 @@ class IPABlock(nn.Module):
 def ignore_padding(
     mask: torch.Tensor, s: torch.Tensor, rigid: Frames, z_f1: torch.Tensor, z_f2: torch.Tensor
 ) -> tuple[torch.Tensor, Frames, torch.Tensor, torch.Tensor]:
-    """Zero features and identity fp32 frames at padded positions, whatever they held (even NaN)."""
+    """Zero features and identity frames (fp32, fp64 for an fp64 model) at padded positions,
+    whatever they held (even NaN)."""
     valid = mask[..., None]
-    eye = torch.eye(3, device=s.device)
-    rigid = Frames(torch.where(valid[..., None], rigid[0].float(), eye), torch.where(valid, rigid[1].float(), 0.0))
+    geometry = frames.geometry_dtype(s.dtype)
+    eye = torch.eye(3, device=s.device, dtype=geometry)
+    rigid = Frames(
+        torch.where(valid[..., None], rigid[0].to(geometry), eye), torch.where(valid, rigid[1].to(geometry), 0.0)
+    )
     z_f1, z_f2 = (torch.where(valid[..., None], z, 0.0) for z in (z_f1, z_f2))
     return torch.where(valid, s, 0.0), rigid, z_f1, z_f2
 
