@@ -192,3 +192,27 @@ def test_modes_without_neighbour_features_refuse_neighbours():
         encoder.neighbours(ca, mask)
     with pytest.raises(InputError, match=r"^neighbours: only mode 'flash_1d_bias'"):
         encoder(node, ca, mask, neighbours=torch.zeros(B, N, 10, dtype=torch.long))
+
+
+def test_the_edge_embedder_takes_and_checks_neighbours_too():
+    encoder = make_encoder(RBF)
+    node, ca, mask = protein()
+    neighbours = encoder.edge_embedder.neighbours(ca, mask)
+    assert torch.equal(neighbours, encoder.neighbours(ca, mask))
+    with torch.no_grad():
+        searched = encoder.edge_embedder(node, ca, mask)
+        given = encoder.edge_embedder(node, ca, mask, neighbours=neighbours)
+    assert all(torch.equal(a, b) for a, b in zip(searched, given, strict=True))
+    with pytest.raises(InputError, match=r"^neighbours: expected shape \[B=2, N=40, 10\], got \[40, 10\]"):
+        encoder.edge_embedder(node, ca, mask, neighbours=neighbours[0])
+
+
+@pytest.mark.slow  # a Dynamo trace: ~2 CPU-seconds
+def test_given_neighbours_trace_without_graph_breaks():
+    torch._dynamo.reset()
+    encoder = make_encoder(RBF)
+    node, ca, mask = protein()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(encoder)(node, ca, mask, neighbours=encoder.neighbours(ca, mask))
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons

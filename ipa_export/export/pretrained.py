@@ -84,8 +84,8 @@ class ExportMixin:
         ``requires_grad_(True)`` (or a direct assignment) turned on, warning once. Runs in
         :meth:`train` and the forward pass (plain eager mode; not while ``torch.compile`` traces
         or inside ``torch.func`` transforms), so before any gradient reaches the weights."""
-        if not self._frozen or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack():
-            return
+        if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() or not self._frozen:
+            return  # (the flag read last: a compiled graph does not guard on it)
         thawed = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
         if thawed:
             self._warn_requires_grad()

@@ -20,7 +20,14 @@ from .frames import Frames, identity_rotations, masked_mean
 from .pair_features import FactorizedPairEmbedder
 from .shapes import implied_config
 from .stack import FlashIPAStack
-from .validation import Shapes, check_devices, check_indices, check_structure_inputs, warn_unusual_ca_spacing
+from .validation import (
+    Shapes,
+    check_devices,
+    check_indices,
+    check_structure_inputs,
+    checking_values,
+    warn_unusual_ca_spacing,
+)
 
 
 class EncoderOutput(NamedTuple):
@@ -220,8 +227,9 @@ class IPAEncoder(ExportMixin, nn.Module):
         check_indices(node_mask, residue_index, chain_index)
         check_devices(weight.device, residue_index=residue_index, chain_index=chain_index)
         self.keep_frozen()
-        if check_ca_spacing and not self._warned_ca_spacing and warn_unusual_ca_spacing(node_mask, translations):
-            self._warned_ca_spacing = True  # once per encoder
+        # eager only (checking_values first: a compiled graph must not guard on the flag)
+        if check_ca_spacing and checking_values() and not self._warned_ca_spacing:
+            self._warned_ca_spacing = warn_unusual_ca_spacing(node_mask, translations)  # once per encoder
         fixed = {"neighbours": neighbours, "sc_neighbours": sc_neighbours}
         if neighbours is None and sc_neighbours is None:
             fixed = {}  # the search, in every mode
