@@ -16,16 +16,16 @@ reference run of the same weights: in fp32 with the centring (as shipped) and wi
 
 A last table gives the forward time of each variant (best of ``--repeats``) at the walk's N.
 
-The fp64 reference: ``model.double()`` alone still runs attention in ``attn_dtype`` (fp32) and
-casts frames to fp32 (``.float()`` in ipa.py and stack.py), so for the reference the script also
-sets each IPA's attention dtype to float64 and lets ``Tensor.float()`` keep float64 tensors as they
-are (the kNN custom op still gets fp32 coordinates, which the inputs are exactly: same neighbours).
-The reference is computed with centring; the fp64 run without centring is printed as a check
-(it should agree to ~1e-10: the offset is harmless in fp64).
+The fp64 reference: ``model.double()``, which computes everything in fp64 (attention, frames,
+neighbours). It is computed with centring; the fp64 run without centring is printed as a check (it
+should agree to ~1e-10: the offset is harmless in fp64). ``--real`` adds the real-chain golden (the
+reference's weights, every parameter non-zero; its fp64 outputs as the answer), ``--structures``
+fp32 against fp64 on every chain of a directory.
 
     python bench/precision.py                         # N=512, offsets 0, 40, 200, 1000 Angstrom
     python bench/precision.py --structure tests/data/structures/4ake_adk_open.pdb.gz \
-        --real tests/data/golden/real/real_mid.safetensors --out bench/results/precision.txt
+        --real tests/data/golden/real/real_mid.safetensors --structures tests/data/structures \
+        --out bench/results/precision.txt
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import math
 import sys
 import time
@@ -44,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402, F401
 import torch  # noqa: E402
 from _common import USAGE_CONFIG, make_inputs  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
-import ipa_export.model.edge_embedder as edge_embedder_module  # noqa: E402
 import ipa_export.model.ipa as ipa_module  # noqa: E402
 import ipa_export.model.low_precision as low_precision  # noqa: E402
 from ipa_export import EncoderConfig, IPAEncoder  # noqa: E402
@@ -105,33 +106,10 @@ def variants(dtype: str) -> dict[str, contextlib.AbstractContextManager]:
     return LOW_PRECISION_VARIANTS
 
 
-@contextlib.contextmanager
-def fp64_everywhere():
-    """While active, ``Tensor.float()`` leaves float64 tensors in float64, and the kNN op (whose
-    bit tricks need float32) gets float32 coordinates."""
-    original_float, original_knn = torch.Tensor.float, edge_embedder_module.knn
-
-    def float_keep_fp64(self, *args, **kwargs):
-        return self if self.dtype == torch.float64 else original_float(self, *args, **kwargs)
-
-    def knn_fp32(coords, mask, k, *args, **kwargs):
-        return original_knn(coords.to(torch.float32), mask, k, *args, **kwargs)
-
-    torch.Tensor.float = float_keep_fp64
-    edge_embedder_module.knn = knn_fp32
-    try:
-        yield
-    finally:
-        torch.Tensor.float = original_float
-        edge_embedder_module.knn = original_knn
-
-
 def reference_model(model: IPAEncoder) -> IPAEncoder:
-    ref = copy.deepcopy(model).double()
-    for module in ref.modules():
-        if isinstance(module, ipa_module.InvariantPointAttention):
-            module.attn_dtype = torch.float64
-    return ref
+    """The same weights in float64: a float64 encoder runs everything in fp64 (attention, frames,
+    neighbours and distances included)."""
+    return copy.deepcopy(model).double()
 
 
 def structure_inputs(path: Path, seed: int) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -147,13 +125,10 @@ def structure_inputs(path: Path, seed: int) -> tuple[str, torch.Tensor, torch.Te
     return f"{Path(path).name} N={n} (real chain, backbone frames)", node_embed, backbone.ca[None], mask, rotations
 
 
-def real_chains(path: Path) -> list[str]:
-    """Max |x - x_fp64| over valid residues for s and translations on the chains of a real golden
+def load_real_golden(path: Path) -> tuple[EncoderConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(config, IPAEncoder weights, every tensor)`` of a real golden
     (``tests/data/golden/real/real_mid.safetensors``: the reference's weights, every parameter
-    non-zero, and its float64 outputs)."""
-    import json
-
-    from safetensors import safe_open
+    non-zero, and its float64 outputs); attention ``sdpa``."""
     from safetensors.torch import load_file
 
     from ipa_export.bindrae.keys import checkpoint_to_encoder
@@ -168,6 +143,14 @@ def real_chains(path: Path) -> list[str]:
         depth=module["depth"], attention="sdpa",
     )  # fmt: skip
     weights = checkpoint_to_encoder({k[len("weights.") :]: v for k, v in tensors.items() if k.startswith("weights.")})
+    return config, weights, tensors
+
+
+def real_chains(path: Path) -> list[str]:
+    """Max |x - x_fp64| over valid residues for s and translations on the chains of a real golden."""
+    config, weights, tensors = load_real_golden(path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
     columns = {"fp32": ("fp32", contextlib.nullcontext), "bf16": ("bf16", contextlib.nullcontext)}
     columns |= {"fp16": ("fp16", contextlib.nullcontext), "reference fp16": ("fp16", reference_rounding)}
     columns["reference bf16"] = ("bf16", reference_rounding)
@@ -196,6 +179,42 @@ def real_chains(path: Path) -> list[str]:
             f"{name:>20} {mask.sum().item():4d} {chain['ref32_vs_fp64']:12.1e} " + " ".join(f"{c:>19}" for c in cells)
         )
         print(lines[-1], flush=True)
+    return lines
+
+
+def structures_fp32_vs_fp64(golden: Path, directory: Path) -> list[str]:
+    """fp32 against the same encoder in fp64 on every ``*.pdb.gz`` chain of ``directory``: the real
+    golden's weights, N(0, 1) node embeddings, N-CA-C frames; the largest difference over s, z_f1,
+    z_f2, rotations and translations."""
+    from ipa_export.model.frames import from_backbone
+    from ipa_export.structures.reader import read_backbone
+
+    config, weights, _ = load_real_golden(golden)
+    encoder32 = IPAEncoder(config).eval().requires_grad_(False)
+    encoder32.load_state_dict(weights)
+    encoder64 = reference_model(encoder32)
+    g = torch.Generator().manual_seed(0)
+    worst = []
+    for path in sorted(directory.glob("*.pdb.gz")):
+        chain = read_backbone(path)
+        rotations, ca = from_backbone(chain.n.double(), chain.ca.double(), chain.c.double())
+        node_embed = torch.randn(1, len(ca), config.c_s, generator=g, dtype=torch.float64)
+        mask = torch.ones(1, len(ca), dtype=torch.bool)
+        with torch.no_grad():
+            out32 = encoder32(node_embed.float(), ca[None].float(), mask, rotations[None].float())
+            out64 = encoder64(node_embed, ca[None], mask, rotations[None])
+        error = max((a.double() - b).abs().max().item() for a, b in zip(out32, out64, strict=True))
+        worst.append((error, path.name, len(ca)))
+    worst.sort(reverse=True)
+    errors = [e for e, *_ in worst]
+    lines = [
+        "",
+        f"fp32 vs the same encoder in fp64 on {len(worst)} real chains ({directory}), the real golden's weights,",
+        "N-CA-C frames: max over s, z_f1, z_f2, rotations, translations",
+        f"  largest {errors[0]:.1e} ({worst[0][1]}, N={worst[0][2]}), median {errors[len(errors) // 2]:.1e}, "
+        f"smallest {errors[-1]:.1e}",
+    ]
+    print("\n".join(lines), flush=True)
     return lines
 
 
@@ -237,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         "re-centred, then offset (repeatable)",
     )
     p.add_argument("--real", type=Path, help="also a real golden: its chains, weights and float64 outputs")
+    p.add_argument(
+        "--structures", type=Path, help="with --real: also fp32 vs fp64 on every *.pdb.gz chain of this directory"
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per variant (best is reported)")
     p.add_argument("--out", type=Path, help="also write the table to this file")
     args = p.parse_args(argv)
@@ -274,10 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             rot64 = (rotations if rotations is not None else torch.eye(3).expand(*mask.shape, 3, 3)).double()
             inputs64 = (node_embed.double(), ca.double(), mask, rot64)
             with torch.no_grad():
-                with fp64_everywhere():
-                    ref = reference(*inputs64).s
-                    with no_centring():
-                        ref_uncentred = reference(*inputs64).s
+                ref = reference(*inputs64).s
+                with no_centring():
+                    ref_uncentred = reference(*inputs64).s
                 cells = []
                 for name in dtypes:
                     for context in variants(name).values():
@@ -294,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += table
     if args.real:
         lines += real_chains(args.real)
+        if args.structures:
+            lines += structures_fp32_vs_fp64(args.real, args.structures)
     lines += timings(models, chains[0], args.repeats)
     lines += [
         "",

@@ -1,61 +1,110 @@
-"""``ipa-export``: convert, inspect, validate, push and embed with frozen IPA encoders.
+"""ipa-export: convert, inspect, validate, push and embed with frozen IPA encoders.
 
-Exit codes: 0 success, 1 a check failed (validate's self-check, convert's parity check, embed
---fail-fast), 2 bad input or usage (one line on stderr), 3 embed finished but some chains or
-files failed, 141 the output pipe was closed (`| head`).
+Exit codes: 0 success, 1 a check failed (validate's self-check or --expect, convert's parity
+check, embed --fail-fast), 2 bad input or usage (one line on stderr), 3 embed finished but some
+chains or files failed, 130 interrupted (Ctrl-C), 141 the output pipe was closed (| head).
 Any other error is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import CheckFailedError, InputError, IPAExportError
-from .structures.corpus import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, DEFAULT_OUTPUTS, DEFAULT_SHARD_SIZE
+from .structures.options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_STRUCTURE_BYTES,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_OUTPUTS,
+    DEFAULT_SHARD_SIZE,
+)
+
+if TYPE_CHECKING:  # torch is imported by the commands that need it: --help and usage errors stay fast
+    import torch
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_BROKEN_PIPE = 128 + 13  # killed by SIGPIPE, what other Unix tools report
+EXIT_INTERRUPTED = 128 + 2  # SIGINT (Ctrl-C), what shells report
 SELF_CHECK_LENGTH = 48
 SELF_CHECK_ATOL = 1e-3  # fp32, chain centred ~20 A from the origin
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    refuse_unknown_options(parser, argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = args.run(args)
         sys.stdout.flush()  # inside the try: a closed pipe fails here, not at interpreter exit
         return code
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; embed's finished shards are kept
+        resume = " (finished shards are kept: re-run the same command to resume)" if args.command == "embed" else ""
+        print(f"ipa-export {args.command}: interrupted{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except (IPAExportError, OSError) as error:  # the package's own errors; files that cannot be read or written
-        print(f"ipa-export {args.command}: error: {error}", file=sys.stderr)
+        print(f"ipa-export {args.command}: error: {in_flags(str(error), parser, args.command)}", file=sys.stderr)
         return EXIT_CHECK_FAILED if isinstance(error, CheckFailedError) else EXIT_BAD_INPUT
+
+
+def in_flags(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """A library message worded by parameter name (``device: ...``, ``pass device='cpu'``) in the
+    command's flags (``--device: ...``, ``pass --device cpu``)."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices[command]._actions:
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        if flag is None or flag == "--help":
+            continue
+        name = re.escape(action.dest)
+        message = re.sub(rf"(?<![\w.-]){name}='([^']*)'", rf"{flag} \1", message)
+        message = re.sub(rf"^{name}:", f"{flag}:", message)
+    return message
+
+
+def refuse_unknown_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """Exit with a usage error naming the first option the command does not know, with the
+    closest known one (argparse alone reports a mistyped required option as missing)."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    name = next((a for a in argv if a in commands.choices), None)
+    if name is None:
+        return
+    command = commands.choices[name]
+    known = [option for action in command._actions for option in action.option_strings]
+    for arg in argv[argv.index(name) + 1 :]:
+        if arg == "--":
+            return
+        option = arg.split("=", 1)[0]
+        if option.startswith("--") and option not in known:
+            close = difflib.get_close_matches(option, known, n=2, cutoff=0.6)
+            command.error(f"unrecognized option {option}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ipa-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ipa-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser(
-        "convert", help="convert a BINDRAE Stage-1 checkpoint (or re-write an export) into an export directory"
-    )
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, allow_abbrev=False, **kwargs)
+
+    p = command("convert", help="convert a BINDRAE Stage-1 checkpoint (or re-write an export) into an export directory")
     p.add_argument(
         "checkpoint",
         type=Path,
@@ -81,23 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--license", default="apache-2.0", help="license in the model card (default: apache-2.0)")
     p.set_defaults(run=run_convert)
 
-    p = commands.add_parser(
+    p = command(
         "inspect", help="show an export's config, parameter count, tensors and metadata without loading weights"
     )
     p.add_argument("export", help="export directory or Hub repo id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_inspect)
 
-    p = commands.add_parser(
-        "validate", help="load an export, check expectations and run an SE(3)-invariance self-check"
-    )
+    p = command("validate", help="load an export, check expectations and run an SE(3)-invariance self-check")
     p.add_argument("export", help="export directory or Hub repo id")
     p.add_argument(
         "--expect", action="append", default=[], metavar="KEY=VALUE", help="required config value; repeatable"
     )
     p.set_defaults(run=run_validate)
 
-    p = commands.add_parser("push", help="upload an export directory to the Hugging Face Hub")
+    p = command("push", help="upload an export directory to the Hugging Face Hub")
     p.add_argument("export", type=Path, help="export directory")
     p.add_argument("repo_id", help="target repository, e.g. org/bindrae-ipa")
     p.add_argument("--private", action="store_true", help="create the repository as private")
@@ -107,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list files, sizes and target; no network call")
     p.set_defaults(run=run_push)
 
-    p = commands.add_parser(
+    p = command(
         "embed",
         help="embed every protein chain of PDB/mmCIF files, directories or a manifest into Parquet shards",
         description="Embed structures into DIR/part-NNNNN.parquet (one row per chain), DIR/_errors.jsonl and "
@@ -126,15 +173,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_OUTPUTS),
         help=f"comma-separated tensor columns (default {','.join(DEFAULT_OUTPUTS)}; also z_f1, z_f2)",
     )
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="padded residues per batch")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="most chains per batch")
+    p.add_argument(
+        "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="padded residues per batch (default %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="most chains per batch (default %(default)s)"
+    )
     p.add_argument("--max-length", type=int, help="chains longer than this become error records")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="rows per Parquet shard (about)")
+    p.add_argument(
+        "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="rows per Parquet shard, about (default %(default)s)"
+    )
     p.add_argument(
         "--node-embed",
         type=Path,
         help="node embeddings keyed by record id: a directory of <id>.safetensors/.pt, or one .safetensors or "
         ".parquet (columns id, node_embed) file (default: the export's residue-type table)",
+    )
+    p.add_argument(
+        "--max-structure-bytes",
+        type=int,
+        default=DEFAULT_MAX_STRUCTURE_BYTES,
+        metavar="N",
+        help=f"a structure with more text (after gzip decompression) is an error record "
+        f"(default {DEFAULT_MAX_STRUCTURE_BYTES:,})",
     )
     p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", help="model dtype, e.g. float32, bfloat16")
@@ -225,10 +286,16 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from .export.format import unmet_expectations
     from .model.encoder import IPAEncoder
 
-    encoder = IPAEncoder.from_pretrained(args.export, expected=parse_assignments(args.expect, "--expect"))
+    expected = parse_assignments(args.expect, "--expect")
+    encoder = IPAEncoder.from_pretrained(args.export)
     print(f"loaded {args.export}: {_short_config(encoder.config.to_dict())}")
+    if problems := unmet_expectations(encoder.config, expected):
+        unknown = [p for p in problems if p.startswith("expected.")]  # a mistyped field name: bad input
+        message = "; ".join(p.removeprefix("expected.") for p in problems)
+        raise (InputError if unknown else CheckFailedError)(f"--expect: {message}")
     error = se3_self_check(encoder)
     ok = error <= SELF_CHECK_ATOL
     print(
@@ -241,6 +308,8 @@ def run_validate(args: argparse.Namespace) -> int:
 def se3_self_check(encoder: torch.nn.Module, seed: int = 0) -> float:
     """Largest deviation from SE(3) invariance (s, z_f1, z_f2) and equivariance (frames) on a
     random chain under a random global rotation and translation (inf if an output is not finite)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     config = encoder.config
     length = min(SELF_CHECK_LENGTH, config.max_len or SELF_CHECK_LENGTH)  # a factoriser's length limit
@@ -306,7 +375,8 @@ def run_embed(args: argparse.Namespace) -> int:
             args.export, args.inputs, args.out, manifest=args.manifest, chain=args.chain,
             outputs=[o.strip() for o in args.outputs.split(",") if o.strip()], max_tokens=args.max_tokens,
             batch_size=args.batch_size, max_length=args.max_length, shard_size=args.shard_size,
-            node_embed=args.node_embed, device=args.device, dtype=args.dtype, attention=args.attention,
+            node_embed=args.node_embed, max_structure_bytes=args.max_structure_bytes, device=args.device,
+            dtype=args.dtype, attention=args.attention,
             compile=args.compile, overwrite=args.overwrite, fail_fast=args.fail_fast, engine=args.engine,
             ray_address=args.ray_address, progress=False if args.quiet else None,
         )  # fmt: skip

@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-from .errors import InputError
+from .dtypes import dtype_names
+from .errors import ConfigCompatibilityError, InputError
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn", "dense")
+#: attention dtypes, by the short name the config stores (any name of :mod:`ipa_export.dtypes` is accepted)
 ATTN_DTYPES = ("fp32", "bf16", "fp16")
+_ATTN_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 EDGE_MODES = ("flash_1d_bias", "flash_no_bias", "flash_2d_factorize_bias")
 FRAME_UPDATE_CLIPS = ("reference", "clip")
 #: fields added after format_version 2 was released: a config without them gets their defaults
@@ -65,15 +68,6 @@ def maximum(name: str) -> float:
     return _RAISED.get().get(name, MAXIMA[name])
 
 
-class ConfigCompatibilityError(InputError):
-    """A config (or export) that this package cannot use. ``problems`` lists each one,
-    each naming its field."""
-
-    def __init__(self, problems: list[str], context: str = "config"):
-        self.problems = list(problems)
-        super().__init__(f"incompatible {context}:\n" + "\n".join(f"  - {p}" for p in self.problems))
-
-
 @dataclass(frozen=True)
 class EncoderConfig:
     """Hyper-parameters of an :class:`~ipa_export.IPAEncoder` (EdgeEmbedder + FlashIPA stack).
@@ -113,12 +107,16 @@ class EncoderConfig:
     frame_update_clip: Literal["reference", "clip"] = "reference"
     # Inference
     attention: Literal["auto", "sdpa", "flash_attn", "dense"] = "auto"
+    #: attention precision: "fp32", "bf16" or "fp16" (given as any name of :mod:`ipa_export.dtypes`
+    #: or a torch.dtype, stored as this short name)
     attn_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     # Optional residue-type embedding table (0 = none), for embedding bare structures
     num_residue_types: int = 0
 
     def __post_init__(self) -> None:
         problems = _type_problems(dataclasses.asdict(self)) or self._range_problems()
+        if not problems:
+            object.__setattr__(self, "attn_dtype", attn_dtype_name(self.attn_dtype))
         if problems:
             raise ConfigCompatibilityError(problems)
 
@@ -196,16 +194,26 @@ _CHOICES = {
     "mode": EDGE_MODES,
     "frame_update_clip": FRAME_UPDATE_CLIPS,
     "attention": ATTENTION_BACKENDS,
-    "attn_dtype": ATTN_DTYPES,
     "distance_features": DISTANCE_FEATURES,
 }
+
+
+def attn_dtype_name(value: object) -> str:
+    """``value`` (a name of float32, bfloat16 or float16 in :mod:`ipa_export.dtypes`, or the
+    torch.dtype) as the short name ``attn_dtype`` stores: ``"bfloat16"`` -> ``"bf16"``."""
+    return dtype_names(value, argument="attn_dtype", allowed=_ATTN_DTYPE_NAMES).short
 
 
 def _type_problems(values: Mapping[str, Any]) -> list[str]:
     problems = []
     for name, value in values.items():
         default = _FIELDS[name].default
-        if name in _CHOICES:
+        if name == "attn_dtype":
+            try:
+                attn_dtype_name(value)
+            except InputError as error:
+                problems.append(str(error))
+        elif name in _CHOICES:
             if value not in _CHOICES[name]:
                 problems.append(f"{name}: must be one of {list(_CHOICES[name])}, got {value!r}")
         elif isinstance(default, int):

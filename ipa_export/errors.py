@@ -14,8 +14,6 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-
 
 class IPAExportError(Exception):
     """Base of the errors this package raises on purpose; the message names the argument,
@@ -24,6 +22,15 @@ class IPAExportError(Exception):
 
 class InputError(IPAExportError, ValueError):
     """An argument, file content or config value that cannot be used."""
+
+
+class ConfigCompatibilityError(InputError):
+    """A config (or export) that this package cannot use. ``problems`` lists each one,
+    each naming its field or file."""
+
+    def __init__(self, problems: list[str], context: str = "config"):
+        self.problems = list(problems)
+        super().__init__(f"incompatible {context}:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
 class InputTypeError(IPAExportError, TypeError):
@@ -38,8 +45,18 @@ class UnsupportedError(IPAExportError, RuntimeError):
     """A requested feature that cannot run here (e.g. flash-attn without CUDA)."""
 
 
-class HubError(IPAExportError, ConnectionError):
-    """The Hugging Face Hub could not be reached, or refused the request."""
+class HubError(IPAExportError, OSError):
+    """A Hugging Face Hub download or upload that failed: one of the two kinds below."""
+
+
+class HubNotFoundError(HubError, FileNotFoundError):
+    """A download that found no export: the repository, revision or files do not exist on the
+    Hub, or are not in the local cache while offline (``HF_HUB_OFFLINE=1``, ``local_files_only``)
+    or while the Hub cannot be reached."""
+
+
+class HubConnectionError(HubError, ConnectionError):
+    """The Hub could not be reached, or refused the request (e.g. an upload without write access)."""
 
 
 class UntrustedFileError(IPAExportError, PermissionError):
@@ -70,7 +87,9 @@ def warn_at_caller(warning: Warning) -> None:
     """``warnings.warn(warning)`` attributed to the first caller outside this package (its
     examples excepted) and torch: the line that called the model, not ``nn.Module.__call__``."""
     package = Path(__file__).parent
-    internal, examples = (str(package), str(Path(torch.__file__).parent)), str(package / "examples")
+    torch = sys.modules.get("torch")  # not imported here: the command line answers --help without it
+    internal = (str(package), *([str(Path(torch.__file__).parent)] if torch and torch.__file__ else []))
+    examples = str(package / "examples")
     frame, level = sys._getframe(1), 2
     while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
         if frame.f_code.co_filename.startswith(examples):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ settings.load_profile("ci" if os.environ.get("CI") else "default")
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden"
 GOLDEN_CASES = ("tiny_r2_unpadded", "tiny_r2_padded", "tiny_r1_unpadded")
+REAL_GOLDEN = GOLDEN / "real" / "real_mid.safetensors"
 CHECKPOINT = GOLDEN / "stage1_tiny_checkpoint.pt"
 STRUCTURES = DATA / "structures"
 # The golden README's suggested fp32 tolerance at valid positions.
@@ -59,6 +61,47 @@ def load_golden(name: str) -> GoldenCase:
         group("inputs."),
         group("outputs."),
     )
+
+
+@dataclass(frozen=True)
+class RealGolden:
+    """``tests/data/golden/real``: the reference on six real PDB chains, every weight non-zero."""
+
+    tensors: dict[str, torch.Tensor]
+    chains: list[dict]  # name, length, ref32_vs_fp64 (the reference's own fp32 error)
+    config: EncoderConfig
+    weights: dict[str, torch.Tensor]  # IPAEncoder keys
+
+    def encoder(self, dtype: torch.dtype = torch.float32, **changes):
+        """A fresh encoder with the golden's weights (``changes``: config fields), in eval mode."""
+        from ipa_export import IPAEncoder
+
+        encoder = IPAEncoder(self.config.replace(**changes))
+        encoder.load_state_dict(self.weights, strict=True)
+        return encoder.to(dtype).eval()
+
+    def part(self, chain: str, kind: str) -> dict[str, torch.Tensor]:
+        """``kind`` "inputs", "ref32" or "fp64" of one chain: name -> tensor [1, N, ...]."""
+        prefix = f"{chain}.{kind}."
+        return {k.removeprefix(prefix): v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+
+@functools.cache
+def real_golden() -> RealGolden:
+    from ipa_export.bindrae.keys import checkpoint_to_encoder
+
+    tensors = load_file(REAL_GOLDEN)
+    with safe_open(REAL_GOLDEN, framework="pt") as f:
+        metadata = f.metadata()
+    edge, module = json.loads(metadata["edge_kwargs"]), json.loads(metadata["module_kwargs"])
+    config = EncoderConfig(
+        c_s=edge["c_s"],
+        c_p=edge["c_p"],
+        z_factor_rank=edge["z_rank"],
+        **{k: module[k] for k in ("c_hidden", "no_heads", "no_qk_points", "no_v_points", "depth")},
+    )
+    weights = {k.removeprefix("weights."): v for k, v in tensors.items() if k.startswith("weights.")}
+    return RealGolden(tensors, json.loads(metadata["chains"]), config, checkpoint_to_encoder(weights))
 
 
 @pytest.fixture(params=GOLDEN_CASES)

@@ -43,8 +43,11 @@ def test_convert_refuses_to_overwrite(converted, capsys):
 
 
 def test_validate_fails_on_unmet_expectation(converted, capsys):
+    # An unmet expectation is a failed check (exit 1); a mistyped field name is bad input (exit 2).
     code, _, err = run(capsys, "validate", converted, "--expect", "c_s=384")
-    assert code == 2 and "c_s: the caller expects 384, the export has 64" in err
+    assert code == 1 and "--expect: c_s: the caller expects 384, the export has 64" in err
+    code, _, err = run(capsys, "validate", converted, "--expect", "cs=64")
+    assert code == 2 and "--expect: cs: unknown config field (did you mean 'c_s'?)" in err
 
 
 def test_validate_fails_when_the_self_check_fails(converted, tmp_path, capsys, monkeypatch):
@@ -148,3 +151,72 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "ipa-export"  # installed next to this interpreter
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "convert" in result.stdout and "embed" in result.stdout
+
+
+def test_help_and_usage_errors_do_not_import_torch():
+    # `ipa-export --help` and a mistyped option answer at once: torch is imported by the commands.
+    code = (
+        "import sys\n"
+        "from ipa_export.cli import main\n"
+        "for argv in (['--help'], ['embed', '--help'], ['embed', 'e', 'x', '--ouput', 'o']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "False", result.stderr
+    assert "``" not in result.stdout  # no reStructuredText markup in the help
+
+
+@pytest.mark.parametrize(
+    "typo, hint",
+    [("--ouput", "(did you mean --outputs or --out?)"), ("--output", "(did you mean --outputs or --out?)")],
+)
+def test_a_mistyped_option_is_named_not_taken_for_another(typo, hint, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["embed", str(SHIPPED), str(STRUCTURE), "--out", str(tmp_path / "o"), typo, "s"])
+    assert exit_.value.code == 2 and f"unrecognized option {typo} {hint}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_is_one_line_with_the_resume_hint_and_the_rerun_resumes(tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    inputs = [str(p) for p in sorted(STRUCTURES.glob("*.pdb.gz"))]
+    command = [sys.executable, "-m", "ipa_export", "embed", str(SHIPPED), *inputs, "--out", str(out), "--quiet"]
+    run_ = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "_lock").exists() and run_.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the run holds its output lock: past start-up, inside the command
+    run_.send_signal(signal.SIGINT)
+    stderr = run_.communicate(timeout=120)[1]
+    if run_.returncode == 0:  # finished before the signal arrived: nothing to check
+        pytest.skip("the run finished before SIGINT")
+    assert run_.returncode == 130
+    assert stderr.strip().splitlines() == [
+        "ipa-export embed: interrupted (finished shards are kept: re-run the same command to resume)"
+    ]
+    assert subprocess.run(command, timeout=300).returncode == 0
+    assert len(list(load_embeddings(out, columns=["id"]))) == len(inputs)
+    assert os.listdir(out)  # the resumed run completed the directory
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_errors_name_flags_not_python_parameters(capsys, tmp_path):
+    code, _, err = run(capsys, "embed", SHIPPED, STRUCTURE, "--out", tmp_path / "o", "--device", "cuda")
+    assert code == 2
+    assert err.startswith("ipa-export embed: error: --device: 'cuda' is not available here")
+    assert "pass --device cpu," in err and "device='cpu'" not in err
+
+
+def test_inspect_of_a_directory_that_is_not_an_export_says_so(capsys):
+    code, _, err = run(capsys, "inspect", STRUCTURES)
+    assert code == 2 and err.strip() == (
+        f"ipa-export inspect: error: {STRUCTURES}: not an export (no config.json, no model.safetensors); "
+        "an export is what save_pretrained or `ipa-export convert` writes"
+    )

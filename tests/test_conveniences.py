@@ -47,8 +47,9 @@ def test_unknown_dtype():
     with pytest.raises(ValueError) as error:
         IPAEncoder.from_pretrained(SHIPPED, dtype="bfloat17")
     assert str(error.value) == (
-        "dtype: expected a floating torch.dtype or its name ('float32', 'bfloat16', 'float16', 'float64'; "
-        "also 'fp32', 'bf16', 'fp16', or 'auto' for the stored dtype), got 'bfloat17'"
+        "dtype: expected a floating torch.dtype or its name ('float32' / 'fp32' / 'f32' / 'float', "
+        "'bfloat16' / 'bf16', 'float16' / 'fp16' / 'f16' / 'half', 'float64' / 'fp64' / 'f64' / 'double', "
+        "or 'auto' for the stored dtype), got 'bfloat17'"
     )
     with pytest.raises(ValueError, match=r"^dtype: .* got torch.int64$"):
         IPAEncoder.from_pretrained(SHIPPED, dtype=torch.int64)

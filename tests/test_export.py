@@ -98,8 +98,9 @@ def test_load_options(saved):
 
 
 def test_attention_dtype_is_a_load_option(saved):
-    """bf16 attention for a stored fp32 export, without rebuilding the model; a misspelt dtype
-    is the config's one-line error naming the field."""
+    """bf16 attention for a stored fp32 export, without rebuilding the model; any name of the
+    dtype is accepted (stored as the short name); a misspelt dtype is the config's error naming
+    the field."""
     fp32 = IPAEncoder.from_pretrained(saved)
     bf16 = IPAEncoder.from_pretrained(saved, attn_dtype="bf16")
     assert fp32.config.attn_dtype == "fp32" and bf16.config.attn_dtype == "bf16"
@@ -110,10 +111,12 @@ def test_attention_dtype_is_a_load_option(saved):
     with torch.no_grad():
         error = (bf16(node_embed, coords, mask).s - fp32(node_embed, coords, mask).s).abs().max().item()
     assert 0 < error < 0.05
-    with pytest.raises(
-        ConfigCompatibilityError, match=r"attn_dtype: must be one of \['fp32', 'bf16', 'fp16'\], got 'bfloat16'"
-    ):
-        IPAEncoder.from_pretrained(saved, attn_dtype="bfloat16")
+    for name in ("bfloat16", "BF16", torch.bfloat16):
+        assert IPAEncoder.from_pretrained(saved, attn_dtype=name).config == bf16.config
+    with pytest.raises(ConfigCompatibilityError, match=r"attn_dtype: expected .*'bfloat16' / 'bf16'.*, got 'bfloat17'"):
+        IPAEncoder.from_pretrained(saved, attn_dtype="bfloat17")
+    with pytest.raises(ConfigCompatibilityError, match=r"attn_dtype: .*, got 'fp64'"):
+        IPAEncoder.from_pretrained(saved, attn_dtype="fp64")  # not an attention dtype
 
 
 def test_conversion_reproduces_golden_outputs(tmp_path):
@@ -404,6 +407,42 @@ def test_load_from_explicit_cache_dir(saved, tmp_path):
         IPAEncoder.from_pretrained(
             "org/bindrae-ipa", revision="v2", cache_dir=tmp_path / "cache", local_files_only=True
         )
+
+
+def closed_port() -> str:
+    """An endpoint on this machine that refuses connections (a port bound, never listened on)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}"
+
+
+def test_hub_failures_are_one_type(saved, tmp_path, monkeypatch):
+    """Every Hub failure is a HubError: a download that finds no export (offline, real cache
+    layout) also a FileNotFoundError, as before; an unreachable Hub on upload a ConnectionError.
+    No network: the endpoint is a closed local port."""
+    import huggingface_hub.constants
+
+    from ipa_export.errors import HubConnectionError, HubError, HubNotFoundError
+
+    build_hub_cache(saved, tmp_path / "cache", "org/bindrae-ipa")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for repo, revision in (("org/bindrae-ipa", "v2"), ("org/not-cached", None)):
+        with pytest.raises(HubNotFoundError, match=f"{repo}: neither a local export directory") as caught:
+            IPAEncoder.from_pretrained(repo, revision=revision, cache_dir=tmp_path / "cache", local_files_only=True)
+        assert isinstance(caught.value, FileNotFoundError) and isinstance(caught.value, HubError)
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", closed_port())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(HubError, match="org/bindrae-ipa: neither a local export directory") as caught:
+        IPAEncoder.from_pretrained("org/bindrae-ipa", cache_dir=tmp_path / "empty-cache")
+    assert isinstance(caught.value, HubNotFoundError)  # nothing cached: no export found
+    with pytest.raises(HubError, match="cannot upload to Hub repo org/bindrae-ipa: .*check the network") as caught:
+        IPAEncoder.from_pretrained(saved).push_to_hub("org/bindrae-ipa", token="hf_fake")
+    assert isinstance(caught.value, HubConnectionError) and isinstance(caught.value, ConnectionError)
 
 
 def test_format_version_1_exports_still_load(saved, tmp_path):

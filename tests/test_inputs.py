@@ -182,3 +182,39 @@ def test_flashipa_module_rejects_bad_input():
         ValueError, match=re.escape("frames.rotations: expected shape [B=2, N=12, 3, 3], got [2, 12, 9]")
     ):
         module(args["node_embed"], (frames[0].flatten(-2), frames[1]), z, z, args["node_mask"])
+
+
+def stack_entry_points():
+    """The three entry points into the IPA stack, each as f(s, rotations, translations, mask),
+    with the names their signatures give these arguments."""
+    from ipa_export.flash_ipa import InvariantPointAttention, IPAConfig
+
+    encoder = make_encoder()
+    module = create_flashipa_module(c_s=C_S, c_z=16, depth=1, c_hidden=8, no_heads=2, no_qk_points=2, no_v_points=2)
+    ipa = InvariantPointAttention(IPAConfig(c_s=C_S, c_z=16, c_hidden=8, no_heads=2, no_qk_points=2, no_v_points=2))
+    z = torch.zeros(B, N, 2, 16)
+    return {
+        ("node_embed", "rotations", "translations"): lambda s, r, t, m: encoder(s, t, m, r),
+        ("s", "frames.rotations", "frames.translations"): lambda s, r, t, m: module(s, (r, t), z, z, m),
+        ("s", "r rotations", "r translations"): lambda s, r, t, m: ipa(s, None, z, z, (r, t), m),
+    }
+
+
+def test_the_stack_entry_points_check_the_same_things():
+    """Reflections, NaN features and infinite coordinates at valid residues are refused by the
+    encoder, BINDRAE's FlashIPAModule and flash_ipa's IPA alike, each naming its own argument."""
+    args = good()
+    s, t, m = args["node_embed"], args["translations"], args["node_mask"]
+    rotations = torch.eye(3).repeat(B, N, 1, 1)
+    reflected = rotations.clone()
+    reflected[1, 4, 2, 2] = -1.0
+    for (s_name, r_name, t_name), call in stack_entry_points().items():
+        reflection = rf"^{re.escape(r_name)}: .* at \(batch, residue\) \(1, 4\): determinant -1"
+        with pytest.raises(ValueError, match=reflection):
+            call(s, reflected, t, m)
+        with pytest.raises(ValueError, match=rf"^{s_name}: expected finite values .* \(batch, residue\) \(0, 3\)"):
+            call(s.index_put((torch.tensor([0]), torch.tensor([3])), torch.tensor(float("nan"))), rotations, t, m)
+        with pytest.raises(ValueError, match=rf"^{re.escape(t_name)}: expected finite values .* \(1, 2\)"):
+            call(s, rotations, t.index_put((torch.tensor([1]), torch.tensor([2])), torch.tensor(float("inf"))), m)
+        with pytest.raises(ValueError, match=r"^(node_)?mask: protein\(s\) \[1\] have no valid residue"):
+            call(s, rotations, t, m & torch.tensor([[True], [False]]))

@@ -9,59 +9,33 @@ residue, and agree with the reference at the golden README's tolerance for chain
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import GOLDEN, STRUCTURES
-from safetensors import safe_open
-from safetensors.torch import load_file
+from conftest import STRUCTURES, real_golden
 
-from ipa_export import EncoderConfig, IPAEncoder
-from ipa_export.bindrae.keys import checkpoint_to_encoder
+from ipa_export import IPAEncoder
 from ipa_export.model.frames import from_backbone
 from ipa_export.structures.reader import read_backbone
 
-REAL = GOLDEN / "real" / "real_mid.safetensors"
 OUTPUTS = (("z_f1", "z_f1"), ("z_f2", "z_f2"), ("s", "s_geo"), ("rotations", "rot_mats"), ("translations", "trans"))
 # Golden README: fp32 agreement for chains of hundreds of residues (coordinates ~40 A).
 REFERENCE_TOL = 1e-3
-
-
-@functools.cache
-def golden() -> tuple[dict[str, torch.Tensor], list[dict], EncoderConfig]:
-    tensors = load_file(REAL)
-    with safe_open(REAL, framework="pt") as f:
-        meta = f.metadata()
-    edge, module = json.loads(meta["edge_kwargs"]), json.loads(meta["module_kwargs"])
-    config = EncoderConfig(
-        c_s=edge["c_s"],
-        c_p=edge["c_p"],
-        z_factor_rank=edge["z_rank"],
-        **{k: module[k] for k in ("c_hidden", "no_heads", "no_qk_points", "no_v_points", "depth")},
-    )
-    return tensors, json.loads(meta["chains"]), config
+CHAINS = [chain["name"] for chain in real_golden().chains]
 
 
 @functools.cache
 def golden_encoder(attention: str = "auto", dtype: torch.dtype = torch.float32) -> IPAEncoder:
-    tensors, _, config = golden()
-    encoder = IPAEncoder(config.replace(attention=attention))
-    weights = {k.removeprefix("weights."): v for k, v in tensors.items() if k.startswith("weights.")}
-    encoder.load_state_dict(checkpoint_to_encoder(weights), strict=True)
+    encoder = real_golden().encoder(dtype, attention=attention)
     assert all(p.ne(0).all() for p in encoder.parameters())  # a zero layer would hide errors
-    return encoder.to(dtype).eval()
+    return encoder
 
 
 def chain_case(name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    tensors = golden()[0]
-
-    def part(kind: str) -> dict[str, torch.Tensor]:
-        prefix = f"{name}.{kind}."
-        return {k.removeprefix(prefix): v[0] for k, v in tensors.items() if k.startswith(prefix)}
-
-    return part("inputs"), part("ref32"), part("fp64")
+    """Inputs, the reference in fp32 and the fp64 answer of one chain, each [N, ...]."""
+    golden = real_golden()
+    return tuple({k: v[0] for k, v in golden.part(name, kind).items()} for kind in ("inputs", "ref32", "fp64"))
 
 
 def run(encoder: IPAEncoder, inputs: dict[str, torch.Tensor]):
@@ -75,9 +49,6 @@ def run(encoder: IPAEncoder, inputs: dict[str, torch.Tensor]):
 def per_residue(x: torch.Tensor) -> torch.Tensor:
     """[N, ...] -> [N]: the largest absolute entry of each residue."""
     return x.abs().flatten(1).amax(1)
-
-
-CHAINS = [chain["name"] for chain in json.loads(safe_open(REAL, framework="pt").metadata()["chains"])]
 
 
 @pytest.mark.parametrize("attention", ["auto", "dense"])

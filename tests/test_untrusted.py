@@ -206,6 +206,17 @@ def test_oversized_and_deeply_nested_config_json(saved):
     assert load_problems(saved)[0].startswith("config.json: not valid JSON")
 
 
+def test_oversized_safetensors_header_is_the_same_error_as_an_oversized_config(saved):
+    """Both files are refused unread beyond their limit, as one ConfigCompatibilityError naming the file."""
+    path = saved / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes((32 << 20).to_bytes(8, "little") + data[8:])
+    assert load_problems(saved) == [
+        f"{path}: not a valid safetensors file (its header claims 33,554,432 bytes, more than the "
+        "16,777,216 an export's header may have)"
+    ]
+
+
 def test_limits_are_raised_explicitly_and_the_header_is_compared_before_any_model_is_built(saved):
     edit_config(saved, lambda c: c["config"].update(depth=10**6))
     with raised_limits(depth=10**6):  # would take minutes and GBs if a (meta) model were built
@@ -346,3 +357,23 @@ def test_validate_fails_on_non_finite_outputs_of_finite_weights(tmp_path, capsys
     export = encoder.save_pretrained(tmp_path / "export")
     assert main(["validate", str(export)]) == 1
     assert "max deviation inf (tolerance 0.001): FAILED" in capsys.readouterr().out
+
+
+def test_duplicate_keys_in_config_json_are_refused_by_name(saved):
+    text = (saved / "config.json").read_text()
+    twice = text.replace('"max_trans_update":', '"max_trans_update": 99.0, "max_trans_update":', 1)
+    (saved / "config.json").write_text(twice)
+    assert load_problems(saved) == ["config.json: key 'max_trans_update' appears twice in one object"]
+    (saved / "config.json").write_text(text[:-2] + ', "config": {}}\n')
+    assert load_problems(saved) == ["config.json: key 'config' appears twice in one object"]
+
+
+def test_a_version_1_export_holding_both_tensor_name_schemes_is_refused(saved):
+    weights = load_file(saved / "model.safetensors")
+    both = weights | {k.replace("edge_embedder.edge_embedder.", "edge_embedder.mlp."): v + 1 for k, v in weights.items()
+                      if k.startswith("edge_embedder.edge_embedder.")}  # fmt: skip
+    save_file(both, saved / "model.safetensors", metadata={"format": "pt", "architecture": "IPAEncoder"})
+    edit_config(saved, lambda c: c.update(format_version=1))
+    problems = load_problems(saved)
+    assert problems[0].startswith("model.safetensors: holds tensors under both the version 1 name")
+    assert "edge_embedder.mlp.0.bias" in problems[0] and "edge_embedder.edge_embedder.0.bias" in problems[0]

@@ -17,12 +17,14 @@ from torch import nn
 
 from ..config import EncoderConfig
 from ..errors import InputTypeError
-from ..model.attention import resolve_backend
+from ..model.attention import backend_for
 from ..model.edge_embedder import EdgeEmbedder
 from ..model.frames import Frames
 from ..model.stack import FlashIPAStack
-from ..model.validation import Shapes, check_not_empty, check_rotations, check_structure_inputs, check_values
+from ..model.validation import Shapes, check_stack_inputs, check_structure_inputs
 from .keys import STAGE1_EDGE, STAGE1_IPA, stage1_modules
+
+MODULE_NAMES = {"s": "s", "rotations": "frames.rotations", "translations": "frames.translations", "mask": "mask"}
 
 
 @dataclass
@@ -74,7 +76,7 @@ class FlashIPAModuleConfig:
 
 
 class EdgeEmbedderAdapter(nn.Module):
-    """BINDRAE's ``EdgeEmbedderAdapter`` over the native :class:`EdgeEmbedder`."""
+    """BINDRAE's ``EdgeEmbedderAdapter`` over this package's :class:`EdgeEmbedder`."""
 
     def __init__(self, config: ProjectEdgeConfig):
         super().__init__()
@@ -102,7 +104,8 @@ class FlashIPAModule(FlashIPAStack):
 
     def __init__(self, config: FlashIPAModuleConfig):
         self.config = config
-        super().__init__(config.to_encoder_config())
+        self.encoder_config = config.to_encoder_config()
+        super().__init__(self.encoder_config)
 
     def forward(  # type: ignore[override]
         self,
@@ -114,19 +117,12 @@ class FlashIPAModule(FlashIPAStack):
     ) -> tuple[torch.Tensor, Frames]:
         config = self.config
         shapes = Shapes(c_s=config.c_s, R=config.z_factor_rank, c_z=config.c_z)
-        shapes.check("s", s, ("B", "N", "c_s"))
         if not isinstance(frames, tuple) or len(frames) != 2:
             raise InputTypeError(f"frames: expected a (rotations, translations) pair, got {type(frames).__name__}")
-        shapes.check("frames.rotations", frames[0], ("B", "N", 3, 3))
-        shapes.check("frames.translations", frames[1], ("B", "N", 3))
+        check_stack_inputs(shapes, s, *frames, mask, names=MODULE_NAMES)
         shapes.check("z_f1", z_f1, ("B", "N", "R", "c_z"))
         shapes.check("z_f2", z_f2, ("B", "N", "R", "c_z"))
-        shapes.check("mask", mask, ("B", "N"), dtype="bool")
-        check_not_empty(mask)
-        check_values(mask, **{"frames.rotations": frames[0], "frames.translations": frames[1]})
-        check_rotations(mask, frames[0], "frames.rotations")
-        backend = resolve_backend(config.attention, s.device, config.attn_dtype, torch.is_grad_enabled())
-        s_geo, rigid = super().forward(s, Frames(*frames), z_f1, z_f2, mask, backend)
+        s_geo, rigid = super().forward(s, Frames(*frames), z_f1, z_f2, mask, backend_for(self.encoder_config, s.device))
         return torch.where(mask[..., None], s_geo, 0.0), rigid
 
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..config import ConfigCompatibilityError, EncoderConfig
-from ..errors import CheckFailedError, InputError
+from ..config import EncoderConfig
+from ..errors import CheckFailedError, ConfigCompatibilityError, InputError
 from ..export.format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -33,9 +33,9 @@ from ..export.format import (
     write_model_card,
     writing_export,
 )
-from ..flash_ipa import keys as native_keys
-from ..flash_ipa.edge_embedder import EdgeEmbedder as NativeEdgeEmbedder
-from ..flash_ipa.edge_embedder import native_edge_config
+from ..flash_ipa import keys as flash_ipa_keys
+from ..flash_ipa.edge_embedder import EdgeEmbedder as FlashIPAEdgeEmbedder
+from ..flash_ipa.edge_embedder import flash_ipa_edge_config
 from ..model.edge_embedder import EdgeEmbedder
 from ..model.encoder import IPAEncoder
 from ..model.frames import Frames, identity_rotations
@@ -76,7 +76,7 @@ CHECKPOINT_CONFIG_FIELDS = {
 class Checkpoint:
     """The two modules' tensors (their checkpoint keys), an optional residue-type table
     (``residue_embedding.weight``, kept in every layout) and the checkpoint's own config dict.
-    ``native``: flash_ipa's EdgeEmbedder sits directly under ``edge_embedder.`` (see
+    ``flash_ipa_layout``: flash_ipa's EdgeEmbedder sits directly under ``edge_embedder.`` (see
     :mod:`ipa_export.flash_ipa.keys`) rather than inside BINDRAE's adapter. ``export``: the
     tensors are an export's (IPAEncoder keys) and ``config`` is its complete config."""
 
@@ -84,7 +84,7 @@ class Checkpoint:
     config: dict[str, Any]
     sha256: str
     path: Path
-    native: bool = False
+    flash_ipa_layout: bool = False
     export: bool = False
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
@@ -93,7 +93,8 @@ class Checkpoint:
             return dict(self.state_dict)
         state = self.state_dict
         table = {k: v for k, v in state.items() if k == RESIDUE_TABLE}
-        return {**(native_keys.native_to_encoder(state) if self.native else checkpoint_to_encoder(state)), **table}
+        to_encoder = flash_ipa_keys.flash_ipa_to_encoder if self.flash_ipa_layout else checkpoint_to_encoder
+        return {**to_encoder(state), **table}
 
     def stated_fields(self) -> dict[str, Any]:
         """The config fields the checkpoint's own config states (an export's: all of them)."""
@@ -105,7 +106,7 @@ class Checkpoint:
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a Stage-1 checkpoint (``model_state_dict`` + ``config``), a bare state dict with
     ``edge_embedder.`` and ``ipa_module.`` (or ``ipa_stack.``) keys in BINDRAE's or flash_ipa's
-    native layout, or a dict of the two modules' state dicts (``{"edge_embedder": ...,
+    layout, or a dict of the two modules' state dicts (``{"edge_embedder": ...,
     "ipa_module": ...}``), or an export (its directory, or its model.safetensors beside its
     config.json). Refuses anything needing unpickling."""
     path = Path(path)
@@ -134,7 +135,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise InputError(
             f"{path}: expected a dict with 'model_state_dict' (and optionally 'config'), or a bare state dict"
         )
-    prefixes = (STAGE1_EDGE, *native_keys.STACK_PREFIXES, RESIDUE_TABLE)
+    prefixes = (STAGE1_EDGE, *flash_ipa_keys.STACK_PREFIXES, RESIDUE_TABLE)
     modules = {k: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefixes)}
     if not modules:
         raise InputError(f"{path}: no '{STAGE1_EDGE}*' or '{STAGE1_IPA}*' tensors in the state dict")
@@ -151,8 +152,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if problems:
         shown = problems[:5] + ([f"... and {len(problems) - 5} more tensor(s)"] if len(problems) > 5 else [])
         raise ConfigCompatibilityError(shown, context=f"checkpoint {path}")
-    native = native_keys.is_native(modules)
-    return Checkpoint(modules, config, hashlib.sha256(path.read_bytes()).hexdigest(), path, native)
+    flash_ipa_layout = flash_ipa_keys.is_flash_ipa_checkpoint(modules)
+    return Checkpoint(modules, config, hashlib.sha256(path.read_bytes()).hexdigest(), path, flash_ipa_layout)
 
 
 def _read_export(directory: Path, given: Path | None = None) -> Checkpoint:
@@ -211,8 +212,8 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any] | None = N
     inferred, malformed = implied_config(shapes, {**stated, **overrides}, name=checkpoint_name)
     if malformed:
         raise ConfigCompatibilityError(malformed, context=f"checkpoint {checkpoint.path}")
-    if inferred["mode"] == "flash_no_bias" and checkpoint.native:  # flash_ipa's unused edge MLP still has c_p
-        inferred["c_p"] = checkpoint.state_dict[native_keys.MLP + "0.weight"].shape[0]
+    if inferred["mode"] == "flash_no_bias" and checkpoint.flash_ipa_layout:  # flash_ipa's unused edge MLP still has c_p
+        inferred["c_p"] = checkpoint.state_dict[flash_ipa_keys.MLP + "0.weight"].shape[0]
     problems = []
     for source, values in (("checkpoint config", stated), ("override", overrides)):
         for field, value in values.items():
@@ -335,7 +336,7 @@ EdgeFactors = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.T
 def _source_modules(checkpoint: Checkpoint, config: EncoderConfig) -> tuple[EdgeFactors, FlashIPAStack]:
     """The checkpoint's edge embedder (as node_embed, coords, mask -> z_f1, z_f2) and FlashIPA
     stack, in eval mode, loaded strictly from its own keys: BINDRAE's adapter layout, or
-    flash_ipa's EdgeEmbedder (:mod:`ipa_export.flash_ipa`) for a native checkpoint (this
+    flash_ipa's EdgeEmbedder (:mod:`ipa_export.flash_ipa`) for a flash_ipa checkpoint (this
     package's with RBF distance features, which flash_ipa has not); an export's own encoder,
     built from its stored config."""
     if checkpoint.export:
@@ -344,30 +345,30 @@ def _source_modules(checkpoint: Checkpoint, config: EncoderConfig) -> tuple[Edge
         return source.edge_embedder, source.ipa_stack
     stack = FlashIPAStack(config).eval()
     state = checkpoint.state_dict
-    if not checkpoint.native:
+    if not checkpoint.flash_ipa_layout:
         parts = stage1_modules(state)
         edge = EdgeEmbedder(config).eval()
         edge.load_state_dict({k.removeprefix(ADAPTER_EDGE): v for k, v in parts[STAGE1_EDGE].items()}, strict=True)
         stack.load_state_dict(parts[STAGE1_IPA], strict=True)
         return edge, stack
-    stack_prefix = next(p for p in native_keys.STACK_PREFIXES if any(k.startswith(p) for k in state))
+    stack_prefix = next(p for p in flash_ipa_keys.STACK_PREFIXES if any(k.startswith(p) for k in state))
     stack.load_state_dict({k.removeprefix(stack_prefix): v for k, v in state.items() if k.startswith(stack_prefix)})
-    edge_state = {k.removeprefix(native_keys.EDGE): v for k, v in state.items() if k.startswith(native_keys.EDGE)}
+    edge_state = {k.removeprefix(flash_ipa_keys.EDGE): v for k, v in state.items() if k.startswith(flash_ipa_keys.EDGE)}
     if config.distance_features == "rbf":  # flash_ipa has no RBF features; this package's embedder has its keys
         edge = EdgeEmbedder(config).eval()
         edge.load_state_dict(edge_state, strict=True)
         return edge, stack
     if config.mode == "flash_no_bias":  # flash_ipa's unused edge MLP is not part of the encoder
-        native = None
+        flash_ipa_edge = None
     else:
-        native = NativeEdgeEmbedder(native_edge_config(config)).eval()
-        native.load_state_dict(edge_state)
+        flash_ipa_edge = FlashIPAEdgeEmbedder(flash_ipa_edge_config(config)).eval()
+        flash_ipa_edge.load_state_dict(edge_state)
 
     def edge_factors(node_embed: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor):  # type: ignore[no-untyped-def]
-        if native is None:
+        if flash_ipa_edge is None:
             empty = node_embed.new_zeros(*mask.shape, 0, config.c_p)
             return empty, empty
-        _, z_f1, z_f2, _ = native(node_embed, coords, coords, mask)
+        _, z_f1, z_f2, _ = flash_ipa_edge(node_embed, coords, coords, mask)
         return z_f1, z_f2
 
     return edge_factors, stack

@@ -3,7 +3,7 @@
 
 ``config.json``::
 
-    {"architecture": "IPAEncoder", "format_version": 2, "ipa_export_version": "0.2.0",
+    {"architecture": "IPAEncoder", "format_version": 2, "ipa_export_version": "0.3.0",
      "dtype": "float32", "config": {<every config field>}}
 
 :func:`read_header` checks the config and the safetensors header against each other and
@@ -18,6 +18,7 @@ version 1 called it ``edge_embedder.mlp.*`` and is read through :data:`V1_RENAME
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -32,8 +33,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .._version import __version__
-from ..config import ConfigCompatibilityError
-from ..errors import InputError
+from ..dtypes import DTYPE_NAMES
+from ..errors import ConfigCompatibilityError, InputError
 from .card import render_model_card
 from .files import atomic_directory
 
@@ -47,8 +48,8 @@ EXPORT_NAMES = (*EXPORT_FILES, "compile_cache")
 MAX_CONFIG_BYTES = 1 << 20  #: config.json is refused unread beyond this size
 MAX_HEADER_BYTES = 16 << 20  #: the safetensors header (tensor names, shapes, metadata) likewise
 SHOWN_TENSOR_PROBLEMS = 3  #: tensor lines listed after the config fields that explain them
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+#: the dtypes an export may store, by the canonical name ``config.json`` writes (:mod:`ipa_export.dtypes`)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -164,13 +165,20 @@ def read_header(
         except ConfigCompatibilityError as error:
             problems += [f"config.{p}" for p in error.problems]
     if config is not None:
-        problems += _expected_problems(config, expected or {})
-        if dtype in DTYPES:
+        problems += unmet_expectations(config, expected or {})
+        if version == 1 and (both := sorted(k for k in tensors if _v1_to_v2(k) != k and _v1_to_v2(k) in tensors)):
+            shown = ", ".join(f"{k} and {_v1_to_v2(k)}" for k in both[:3]) + (" ..." if len(both) > 3 else "")
+            problems.append(
+                f"{WEIGHTS_NAME}: holds tensors under both the version 1 name and the version 2 name ({shown}); "
+                "a format_version 1 export names them edge_embedder.mlp.* only"
+            )
+        elif dtype in DTYPES:
             stored = tensors if version != 1 else {_v1_to_v2(k): v for k, v in tensors.items()}
             fields, larger = _field_problems(model_class, config, stored)
             # A few tensors follow the fields they explain, unless the config claims more than
             # the header holds: no model (even on the meta device) is built for such a config.
-            tensors_wrong = [] if larger else _tensor_problems(model_class, config, _SAFETENSORS_DTYPES[dtype], stored)
+            code = DTYPE_NAMES[dtype].safetensors
+            tensors_wrong = [] if larger else _tensor_problems(model_class, config, code, stored)
             if fields and len(tensors_wrong) > SHOWN_TENSOR_PROBLEMS:
                 more = len(tensors_wrong) - SHOWN_TENSOR_PROBLEMS
                 tensors_wrong = tensors_wrong[:SHOWN_TENSOR_PROBLEMS] + [f"... and {more} more tensor(s)"]
@@ -194,6 +202,11 @@ def _export_file(directory: Path, name: str) -> Path:
         if not any(os.path.commonpath([root, real]) == root for root in roots):
             raise InputError(f"{path}: refused: a symbolic link out of the export directory (to {real})")
     if not path.is_file():
+        if not any((directory / known).exists() for known in (CONFIG_NAME, WEIGHTS_NAME)):
+            raise FileNotFoundError(
+                f"{directory}: not an export (no {CONFIG_NAME}, no {WEIGHTS_NAME}); an export is what "
+                "save_pretrained or `ipa-export convert` writes"
+            )
         raise FileNotFoundError(f"{path}: missing from the export, or not a regular file")
     return path
 
@@ -208,7 +221,11 @@ def _read_config_json(path: Path) -> dict[str, Any]:
         )
     try:
         with open(path, "rb") as f:
-            raw = json.loads(f.read(MAX_CONFIG_BYTES + 1))
+            raw = json.loads(f.read(MAX_CONFIG_BYTES + 1), object_pairs_hook=_unique_keys)
+    except _DuplicateKeyError as error:
+        raise ConfigCompatibilityError(
+            [f"{CONFIG_NAME}: key {error.args[0]!r} appears twice in one object"], context="export"
+        ) from None
     except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError, a 5,000-digit number
         raise ConfigCompatibilityError([f"{CONFIG_NAME}: not valid JSON ({error})"], context="export") from error
     except RecursionError as error:
@@ -220,14 +237,30 @@ def _read_config_json(path: Path) -> dict[str, Any]:
     return raw
 
 
+class _DuplicateKeyError(Exception):
+    """A JSON object with one key twice (``json`` would keep the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise _DuplicateKeyError(key)
+        value[key] = item
+    return value
+
+
 def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str]], dict[str, str]]:
     with open(path, "rb") as f:
         prefix = f.read(8)
     length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
     if length is not None and length > MAX_HEADER_BYTES:
-        raise InputError(
-            f"{path}: not a valid safetensors file (its header claims {length:,} bytes; at most "
-            f"{MAX_HEADER_BYTES:,} are read)"
+        raise ConfigCompatibilityError(
+            [
+                f"{path}: not a valid safetensors file (its header claims {length:,} bytes, more than the "
+                f"{MAX_HEADER_BYTES:,} an export's header may have)"
+            ],
+            context="export",
         )
     try:
         with safe_open(path, framework="pt") as f:
@@ -257,12 +290,16 @@ def _field_problems(
     return problems + malformed, bool(malformed) or larger
 
 
-def _expected_problems(config: Any, expected: Mapping[str, Any]) -> list[str]:
-    problems = []
+def unmet_expectations(config: Any, expected: Mapping[str, Any]) -> list[str]:
+    """One problem per ``expected`` field the config does not have (with the closest field name)
+    or holds another value of."""
     values = config.to_dict()
+    problems = []
     for key, want in expected.items():
         if key not in values:
-            problems.append(f"expected.{key}: unknown config field")
+            close = difflib.get_close_matches(key, values, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"expected.{key}: unknown config field{hint}")
         elif values[key] != want:
             problems.append(f"{key}: the caller expects {want!r}, the export has {values[key]!r}")
     return problems

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import HubError
+from ..errors import HubConnectionError, HubNotFoundError
 from .format import EXPORT_FILES, read_header
 
 
@@ -22,7 +22,9 @@ def resolve_export(
     """A local directory as it is, else a Hub repo id through ``huggingface_hub.snapshot_download``
     (only the export's own files are fetched). A name that can only be a local path (a path
     object; written like a path; not a valid repo id; or under a directory that exists here)
-    is never sent to the Hub."""
+    is never sent to the Hub. A download that finds no export raises
+    :class:`~ipa_export.errors.HubNotFoundError` (a FileNotFoundError), any other Hub failure
+    :class:`~ipa_export.errors.HubConnectionError` (a ConnectionError)."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
@@ -35,7 +37,12 @@ def resolve_export(
     if reason:
         raise FileNotFoundError(f"{path_or_repo_id}: no such export directory ({reason}){_did_you_mean(path)}")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return Path(
@@ -48,11 +55,14 @@ def resolve_export(
                 allow_patterns=list(EXPORT_FILES),
             )
         )
-    except (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError) as error:
-        raise FileNotFoundError(
+    # EntryNotFoundError includes LocalEntryNotFoundError: not in the cache, offline or unreachable
+    except (HFValidationError, EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as error:
+        raise HubNotFoundError(
             f"{path_or_repo_id}: neither a local export directory nor a Hub repository that could be resolved "
             f"({' '.join(str(error).split())})"
         ) from error
+    except _network_errors() as error:
+        raise HubConnectionError(f"cannot download Hub repo {path_or_repo_id}: {_reason(error)}") from error
 
 
 def _local_path_only(path_or_repo_id: str | os.PathLike) -> str | None:
@@ -113,10 +123,15 @@ def push_export(
             allow_patterns=list(EXPORT_FILES),
         )
     except _network_errors() as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        hint = "" if "HF_HUB_OFFLINE" in reason else "; check the network, HF_ENDPOINT and your token (`hf auth login`)"
-        raise HubError(f"cannot upload to Hub repo {repo_id}: {reason}{hint}") from error
+        raise HubConnectionError(f"cannot upload to Hub repo {repo_id}: {_reason(error)}") from error
     return str(getattr(commit, "commit_url", commit))
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of a Hub error, and where to look."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    hint = "" if "HF_HUB_OFFLINE" in reason else "; check the network, HF_ENDPOINT and your token (`hf auth login`)"
+    return reason + hint
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from ..dtypes import parse_dtype
 from ..errors import FrozenModuleWarning, InputError, warn_at_caller
 from .format import read_header, read_weights, write_export, writing_export
 from .hub import push_export, resolve_export
@@ -143,8 +144,8 @@ class ExportMixin:
 
         ``device``: where to load the weights (``"cpu"``, ``"cuda:0"``, ...; checked to exist).
         ``dtype`` (alias ``torch_dtype``, as in transformers): a floating ``torch.dtype`` or its
-        name (``"bfloat16"``, ``"bf16"``, ...) to cast the weights to; ``"auto"`` or None keeps
-        the stored dtype. ``expected`` lists config values the caller was built for, e.g.
+        name (``"bfloat16"``, ``"bf16"``, ...: :mod:`ipa_export.dtypes`) to cast the weights to;
+        ``"auto"`` or None keeps the stored dtype. ``expected`` lists config values the caller was built for, e.g.
         ``{"c_s": 384}``; ``config_overrides`` replaces stored config values that do not change
         the weights. The export's directory is kept as ``model.export_directory``.
         """
@@ -196,9 +197,6 @@ class ExportMixin:
             return push_export(Path(tmp) / "export", repo_id, type(self), **kwargs)
 
 
-_DTYPE_ALIASES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-
-
 def _load_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``from_pretrained``'s ``dtype`` / ``torch_dtype`` as a floating torch.dtype (None: keep the stored one)."""
     if torch_dtype is not None and dtype is not None and _as_dtype(dtype) != _as_dtype(torch_dtype):
@@ -212,15 +210,7 @@ def _load_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str 
 def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     if value is None or value == "auto":
         return None
-    dtype = value
-    if isinstance(value, str):
-        dtype = _DTYPE_ALIASES.get(value) or getattr(torch, value.removeprefix("torch."), None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    raise InputError(
-        "dtype: expected a floating torch.dtype or its name ('float32', 'bfloat16', 'float16', 'float64'; "
-        f"also 'fp32', 'bf16', 'fp16', or 'auto' for the stored dtype), got {value!r}"
-    )
+    return parse_dtype(value, also=", or 'auto' for the stored dtype")
 
 
 def _load_device(device: str | torch.device | None) -> torch.device:

@@ -1,4 +1,4 @@
-"""flash_ipa's native API as a drop-in: ``from ipa_export.flash_ipa import EdgeEmbedderConfig,
+"""flash_ipa's API as a drop-in: ``from ipa_export.flash_ipa import EdgeEmbedderConfig,
 EdgeEmbedder, IPAConfig, InvariantPointAttention`` instead of ``from flash_ipa...``.
 
 Same names, config fields, defaults, call signatures, return values and state-dict keys as

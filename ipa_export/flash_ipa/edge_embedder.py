@@ -79,7 +79,7 @@ def encoder_config(cfg: EdgeEmbedderConfig) -> EncoderConfig:
     )
 
 
-def native_edge_config(config: EncoderConfig) -> EdgeEmbedderConfig:
+def flash_ipa_edge_config(config: EncoderConfig) -> EdgeEmbedderConfig:
     """The flash_ipa config of ``config``'s edge embedder (inverse of :func:`encoder_config`)."""
     return EdgeEmbedderConfig(
         c_s=config.c_s,

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ATTN_DTYPES, EncoderConfig
+from ..config import EncoderConfig, attn_dtype_name
 from ..errors import InputError, InputTypeError
 from ..model import ipa as ours
-from ..model.attention import resolve_backend
-from ..model.validation import Shapes, check_not_empty, check_values
+from ..model.attention import backend_for
+from ..model.validation import Shapes, check_stack_inputs
 from .edge_embedder import as_mask
 
 TRUNCATED_NORMAL_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+IPA_NAMES = {"s": "s", "rotations": "r rotations", "translations": "r translations", "mask": "mask"}
 
 
 @dataclass
@@ -32,7 +33,9 @@ class IPAConfig:
     ``num_blocks`` have no effect on the IPA (the last three configure flash_ipa's model)."""
 
     use_flash_attn: bool = True
-    attn_dtype: str = "bf16"  #: "fp16", "bf16" or "fp32": attention precision of the flash path
+    #: attention precision of the flash path: "fp16", "bf16" or "fp32" (or another name of these
+    #: dtypes in :mod:`ipa_export.dtypes`, or the torch.dtype)
+    attn_dtype: str = "bf16"
     use_packed: bool = True
     c_s: int = 256
     c_z: int = 128  #: pair width; 0 for the no_bias modes
@@ -69,8 +72,7 @@ class InvariantPointAttention(ours.InvariantPointAttention):
     accepted and has no effect (masked keys get weight exactly 0); ``eps`` must be its default."""
 
     def __init__(self, ipa_conf: IPAConfig, inf: float = 1e5, eps: float = ours.POINT_NORM_EPS):
-        if ipa_conf.attn_dtype not in ATTN_DTYPES:
-            raise InputError(f"attn_dtype: must be one of {list(ATTN_DTYPES)}, got {ipa_conf.attn_dtype!r}")
+        attn_dtype = attn_dtype_name(ipa_conf.attn_dtype)
         if ipa_conf.c_z < 0 or ipa_conf.z_factor_rank < 0:
             raise InputError(f"c_z, z_factor_rank: must be >= 0, got {ipa_conf.c_z}, {ipa_conf.z_factor_rank}")
         if eps != ours.POINT_NORM_EPS:
@@ -82,13 +84,13 @@ class InvariantPointAttention(ours.InvariantPointAttention):
             no_qk_points=ipa_conf.no_qk_points,
             no_v_points=ipa_conf.no_v_points,
             attention="auto" if ipa_conf.use_flash_attn else "dense",
-            attn_dtype=ipa_conf.attn_dtype if ipa_conf.use_flash_attn else "fp32",
+            attn_dtype=attn_dtype if ipa_conf.use_flash_attn else "fp32",
         )
         super().__init__(config, c_z=ipa_conf.c_z)
         self._init_as_flash_ipa()
         self._ipa_conf = ipa_conf
         self.use_flash_attn = ipa_conf.use_flash_attn
-        self._attention, self._attn_dtype_name = config.attention, config.attn_dtype
+        self._encoder_config = config
 
     def _init_as_flash_ipa(self) -> None:
         """flash_ipa's (OpenFold's) initialisation: LeCun-normal weights (normal truncated at two
@@ -123,14 +125,9 @@ class InvariantPointAttention(ours.InvariantPointAttention):
         rotations, translations = rigid_tensors(r)
         mask = as_mask("mask", mask)
         shapes = Shapes(c_s=self._ipa_conf.c_s, c_z=self.c_z, R=self._ipa_conf.z_factor_rank)
-        shapes.check("s", s, ("B", "N", "c_s"))
-        shapes.check("r rotations", rotations, ("B", "N", 3, 3))
-        shapes.check("r translations", translations, ("B", "N", 3))
-        shapes.check("mask", mask, ("B", "N"), dtype="bool")
-        check_not_empty(mask)
-        check_values(mask, **{"r rotations": rotations, "r translations": translations})
+        check_stack_inputs(shapes, s, rotations, translations, mask, names=IPA_NAMES)
         pair, z_f1, z_f2 = self._pair_inputs(s, shapes, z, z_factor_1, z_factor_2)
-        backend = resolve_backend(self._attention, s.device, self._attn_dtype_name, torch.is_grad_enabled())
+        backend = backend_for(self._encoder_config, s.device)
         out = super().forward(s, rotations, translations, z_f1, z_f2, mask, backend, pair=pair)
         return torch.where(mask[..., None], out, 0.0)
 

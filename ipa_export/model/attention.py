@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import EncoderConfig
 from ..errors import InputError, UnsupportedError
 
 try:  # optional CUDA extra
@@ -31,7 +32,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     flash_attn_with_kvcache = None
 
 FLASH_HEAD_DIM_LIMIT = 256
-ATTN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def flash_attn_available() -> bool:
@@ -64,18 +64,24 @@ def resolve_backend(backend: str, device: torch.device, attn_dtype: str, needs_g
     return backend
 
 
+def backend_for(config: EncoderConfig, device: torch.device) -> str:
+    """The backend that ``config.attention`` means with ``config.attn_dtype`` on ``device`` in the
+    current grad mode (:func:`resolve_backend`): what every entry point runs the stack with."""
+    return resolve_backend(config.attention, device, config.attn_dtype, torch.is_grad_enabled())
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, backend: str) -> torch.Tensor:
     """q, k [B, H, N, E]; v [B, H, N, E_v]; key_mask [B, N] bool -> [B, H, N, E_v].
 
     ``backend`` is a resolved name (see :func:`resolve_backend`). Computes in q's dtype, with
     the logits in fp32 as the fused kernels accumulate them (the compensated low-precision
-    q/k of ipa.py rely on it).
+    q/k of :mod:`.low_precision` rely on it).
     """
     if backend == "dense":
         wide = torch.promote_types(q.dtype, torch.float32)
         logits = (q.to(wide) @ k.to(wide).transpose(-1, -2)).masked_fill(~key_mask[:, None, None, :], float("-inf"))
         return torch.softmax(logits, dim=-1).to(v.dtype) @ v
-    head, chunk = head_sizes(q.shape[-1], v.shape[-1], backend == "flash_attn" or q.is_cuda)
+    head, chunk = head_sizes(q.shape[-1], v.shape[-1], head_limited(backend, q.device))
     q, k = _pad(q, head), _pad(k, head)
     if backend == "flash_attn":
         order = torch.argsort((~key_mask).to(torch.uint8), dim=-1, stable=True)[:, None, :, None]  # valid keys first
@@ -99,9 +105,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
+def head_limited(backend: str, device: torch.device) -> bool:
+    """Whether the kernel ``backend`` runs on ``device`` has CUDA's head-size limit (and alignment)."""
+    return backend == "flash_attn" or device.type == "cuda"
+
+
 def head_sizes(qk_width: int, v_width: int, limited: bool) -> tuple[int, int]:
     """``(head, chunk)``: the q/k head size and value chunk width :func:`attend` pads to, for
-    kernels with CUDA's head-size limit when ``limited``. Inputs already that wide are not copied."""
+    kernels with CUDA's head-size limit when ``limited`` (:func:`head_limited`). Inputs already
+    that wide are not copied."""
     limit = FLASH_HEAD_DIM_LIMIT if limited else None
     chunks = 1 if limit is None else math.ceil(v_width / limit)
     align = 1 if limit is None else 8  # no copy of v where it is the wider one (CPU)
@@ -110,6 +122,12 @@ def head_sizes(qk_width: int, v_width: int, limited: bool) -> tuple[int, int]:
     if limit is not None and head > limit:
         raise InputError(f"query/key head size {qk_width} exceeds the kernel limit {limit}")
     return head, chunk
+
+
+def padded_value_width(v_width: int, head: int, chunk: int) -> int:
+    """The width a value of ``v_width`` channels has once :func:`attend` has padded it (``head``,
+    ``chunk`` from :func:`head_sizes`): written at that width, attend copies nothing."""
+    return head if chunk >= v_width else -(-v_width // chunk) * chunk
 
 
 def concat_padded(parts: list[torch.Tensor], width: int) -> torch.Tensor:

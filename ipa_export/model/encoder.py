@@ -13,7 +13,7 @@ from ..config import EncoderConfig
 from ..errors import InputError
 from ..export.compile_cache import load_export_compile_cache
 from ..export.pretrained import ExportMixin
-from .attention import resolve_backend
+from .attention import backend_for
 from .compiling import CompiledEncoder, compile_encoder
 from .edge_embedder import EdgeEmbedder, residue_positions
 from .frames import Frames, identity_rotations, masked_mean
@@ -152,13 +152,14 @@ class IPAEncoder(ExportMixin, nn.Module):
         """The attention backend that ``config.attention`` resolves to on ``device``
         (default: the encoder's device) in the current grad mode."""
         device = torch.device(device) if device is not None else next(self.parameters()).device
-        return resolve_backend(self.config.attention, device, self.config.attn_dtype, torch.is_grad_enabled())
+        return backend_for(self.config, device)
 
     def embed_residues(self, aatype: torch.Tensor) -> torch.Tensor:
         """Residue types [...] int64 -> node embeddings [..., c_s] from the export's table."""
         if not self.config.num_residue_types:
             raise InputError(
-                "this encoder has no residue-type embedding table (config.num_residue_types is 0); "
+                "this encoder has no residue-type embedding table (config.num_residue_types is 0; `ipa-export "
+                "convert --residue-embedding-seed SEED` adds an untrained one, for demos); "
                 "pass node embeddings [N, c_s] instead"
             )
         return self.residue_embedding(aatype)

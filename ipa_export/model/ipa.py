@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import EncoderConfig
+from ..dtypes import parse_dtype
 from . import frames
-from .attention import ATTN_DTYPES, attend, concat_padded, head_sizes
+from .attention import attend, concat_padded, head_limited, head_sizes
 from .low_precision import anchored_attention, compensated_product, point_terms
 from .pair_attention import attend_with_pair
 
@@ -50,7 +51,7 @@ class InvariantPointAttention(nn.Module):
         self.c_z = c_z
         self.c_hidden, self.heads = hidden, heads
         self.qk_points, self.v_points = config.no_qk_points, config.no_v_points
-        self.attn_dtype = ATTN_DTYPES[config.attn_dtype]
+        self.attn_dtype = parse_dtype(config.attn_dtype)
         self.linear_q = nn.Linear(c_s, heads * hidden)
         self.linear_kv = nn.Linear(c_s, 2 * heads * hidden)
         self.linear_q_points = nn.Linear(c_s, heads * self.qk_points * 3)
@@ -124,7 +125,7 @@ class InvariantPointAttention(nn.Module):
             v_aug = torch.cat([v, v_pts.flatten(-2), v_pair], dim=-1).transpose(1, 2)
             if pair is None:  # q/k written at the kernel's head size: attend copies nothing to pad them
                 qk_width = sum(part.shape[-1] for part in q_parts)
-                head, _ = head_sizes(qk_width, v_aug.shape[-1], backend == "flash_attn" or s.is_cuda)
+                head, _ = head_sizes(qk_width, v_aug.shape[-1], head_limited(backend, s.device))
                 q_aug, k_aug = (concat_padded(parts, head).transpose(1, 2) for parts in (q_parts, k_parts))
                 attn_dtype = geometry if self.attn_dtype == torch.float32 else self.attn_dtype
                 out = attend(*(x.to(attn_dtype) for x in (q_aug, k_aug, v_aug)), mask, backend)

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attend, concat_padded, head_sizes, transforms_active
+from .attention import attend, concat_padded, head_limited, head_sizes, padded_value_width, transforms_active
 from .frames import masked_mean
 
 BLOCK = 64  #: queries per block (one anchor, its own keys and values)
@@ -157,7 +157,7 @@ def anchored_attention(
             q_scalar, k_scalar, q_points, k_points, weight, v_scalar, v_offsets, translations, mask, dtype, backend
         )
     batch, length = q_scalar.shape[:2]
-    limited = backend == "flash_attn" or q_scalar.is_cuda
+    limited = head_limited(backend, q_scalar.device)
     v_fixed = torch.cat([v_scalar, v_offsets.flatten(-2)], dim=-1).to(dtype)
     sub = min(SUB, length)
     size = min(BLOCK, -(-length // sub) * sub)  # queries per block, a multiple of sub
@@ -178,7 +178,7 @@ def anchored_attention(
     qk_width = q_scalar.shape[-1] + 9 * q_points.shape[-2] + 2  # see point_terms
     v_width = v_fixed.shape[-1] + 3 * sub_count + 3  # see attend_blocks
     head, chunk = head_sizes(qk_width, v_width, limited)
-    v_total = head if chunk >= v_width else -(-v_width // chunk) * chunk  # as attend pads it
+    v_total = padded_value_width(v_width, head, chunk)
     group = max(1, min(blocks, GROUP_KEYS.get(q_scalar.device.type, 0) // (batch * length)))  # blocks a call
     # k_aug and v_aug for a group of blocks, holding the channels that are the same for every
     # block; each group writes the rest (into the same tensors when no gradient is recorded).
@@ -251,7 +251,6 @@ def _anchored_backward(
     inputs: list[torch.Tensor],
     mask: torch.Tensor,
     dtype: torch.dtype,
-    backend: str,
 ) -> list[torch.Tensor]:
     """Gradients of the tensor inputs of :func:`anchored_attention`, by recomputing it under
     ``torch.func.vjp`` (a custom op's body runs below autograd and without grad mode, where a plain
@@ -262,21 +261,19 @@ def _anchored_backward(
 
 
 @_anchored_backward.register_fake
-def _(grad_scalar, grad_points, inputs, mask, dtype, backend):
+def _(grad_scalar, grad_points, inputs, mask, dtype):
     return [x.new_empty(x.shape) for x in inputs]
 
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs[: _TENSOR_ARGS + 1])
-    ctx.dtype, ctx.backend = inputs[_TENSOR_ARGS + 1 :]
+    ctx.dtype = inputs[_TENSOR_ARGS + 1]
 
 
 def _backward(ctx, grad_scalar, grad_points):
     *tensors, mask = ctx.saved_tensors
-    grads = _anchored_backward(
-        grad_scalar.contiguous(), grad_points.contiguous(), tensors, mask, ctx.dtype, ctx.backend
-    )
-    return (*grads, None, None, None)
+    grads = _anchored_backward(grad_scalar.contiguous(), grad_points.contiguous(), tensors, mask, ctx.dtype)
+    return (*grads, None, None, None)  # mask, dtype, backend
 
 
 _anchored_op.register_autograd(_backward, setup_context=_setup_context)

@@ -7,6 +7,8 @@ and run only in plain eager mode (:func:`checking_values`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..errors import CoordinateScaleWarning, InputError, InputTypeError, warn_at_caller
@@ -42,6 +44,42 @@ class Shapes:
         return x
 
 
+#: The argument names of :func:`check_stack_inputs`'s tensors in the encoder's signature
+ENCODER_NAMES = {"s": "node_embed", "rotations": "rotations", "translations": "translations", "mask": "node_mask"}
+
+
+def check_stack_inputs(
+    shapes: Shapes,
+    s: object,
+    rotations: object,
+    translations: object,
+    mask: object,
+    *,
+    names: Mapping[str, str] = ENCODER_NAMES,
+    trans_sc: object = None,
+    device: torch.device | None = None,
+) -> None:
+    """The checks of an IPA stack's inputs, shared by :class:`~ipa_export.IPAEncoder`, the BINDRAE
+    adapters and flash_ipa's modules: s [B, N, c_s], translations [B, N, 3] (Angstrom), mask
+    [B, N] bool, rotations [B, N, 3, 3] and trans_sc [B, N, 3] (each optional: None), all on
+    ``device`` when given; a non-empty batch; finite values at valid residues; proper rotations.
+    ``shapes`` binds the sizes known beforehand (c_s, ...); errors use the caller's argument
+    ``names`` (for the keys s, rotations, translations, mask)."""
+    shapes.check(names["s"], s, ("B", "N", "c_s"))
+    shapes.check(names["translations"], translations, ("B", "N", 3))
+    valid = shapes.check(names["mask"], mask, ("B", "N"), dtype="bool")
+    if rotations is not None:
+        shapes.check(names["rotations"], rotations, ("B", "N", 3, 3))
+    if trans_sc is not None:
+        shapes.check("trans_sc", trans_sc, ("B", "N", 3))
+    tensors = {names["translations"]: translations, names["rotations"]: rotations, "trans_sc": trans_sc}
+    if device is not None:
+        check_devices(device, **{names["s"]: s, names["mask"]: mask}, **tensors)  # type: ignore[arg-type]
+    check_not_empty(valid)
+    check_values(valid, **tensors, **{names["s"]: s})  # type: ignore[arg-type]
+    check_rotations(valid, rotations, names["rotations"])  # type: ignore[arg-type]
+
+
 def check_structure_inputs(
     c_s: int,
     node_embed: object,
@@ -52,26 +90,10 @@ def check_structure_inputs(
     *,
     device: torch.device | None = None,
 ) -> None:
-    """The checks shared by the encoder and the edge embedder: node_embed [B, N, c_s],
-    translations [B, N, 3], node_mask [B, N] bool, optional rotations [B, N, 3, 3] and
-    trans_sc [B, N, 3], all on ``device`` (the parameters' device, when given); a non-empty
-    batch; finite coordinates at valid residues."""
+    """:func:`check_stack_inputs` with the encoder's argument names: node_embed [B, N, c_s],
+    translations [B, N, 3], node_mask [B, N] bool, optional rotations and trans_sc."""
     shapes = Shapes(c_s=c_s)
-    shapes.check("node_embed", node_embed, ("B", "N", "c_s"))
-    shapes.check("translations", translations, ("B", "N", 3))
-    mask = shapes.check("node_mask", node_mask, ("B", "N"), dtype="bool")
-    if rotations is not None:
-        shapes.check("rotations", rotations, ("B", "N", 3, 3))
-    if trans_sc is not None:
-        shapes.check("trans_sc", trans_sc, ("B", "N", 3))
-    if device is not None:
-        inputs = {"node_embed": node_embed, "translations": translations, "node_mask": node_mask}
-        check_devices(device, **inputs, rotations=rotations, trans_sc=trans_sc)  # type: ignore[arg-type]
-    check_not_empty(mask)
-    check_values(  # type: ignore[arg-type]
-        mask, translations=translations, rotations=rotations, trans_sc=trans_sc, node_embed=node_embed
-    )
-    check_rotations(mask, rotations)  # type: ignore[arg-type]
+    check_stack_inputs(shapes, node_embed, rotations, translations, node_mask, trans_sc=trans_sc, device=device)
 
 
 def check_devices(device: torch.device, **tensors: torch.Tensor | None) -> None:

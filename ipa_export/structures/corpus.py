@@ -29,6 +29,13 @@ from ..export.files import atomic_file, remove_files
 from .batching import LengthBucketer
 from .inputs import Source, collect_sources
 from .node_embed import NodeEmbedSource, open_node_embed
+from .options import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_STRUCTURE_BYTES,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_OUTPUTS,
+    DEFAULT_SHARD_SIZE,
+)
 from .pipeline import (
     FILE_DONE,
     Batching,
@@ -41,16 +48,18 @@ from .pipeline import (
     node_embeddings,
     parse_sources,
 )
+from .run_state import changed_inputs, fingerprint, output_lock
 from .shards import (
     ERRORS_FILE,
     MANIFEST_FILE,
     RUN_FILE,
     TENSOR_COLUMNS,
     arrow_schema,
+    drop_rows,
     records_table,
     shard_identity,
-    shard_ids,
     shard_paths,
+    shard_sources,
     tensor_shapes,
 )
 
@@ -58,10 +67,6 @@ __all__ = ["DEFAULT_OUTPUTS", "EmbedFailure", "EmbedSummary", "embed_corpus"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUTPUTS = ("s", "rotations", "translations", "s_mean")
-DEFAULT_MAX_TOKENS = 8192  #: padded residues per batch (batch size x longest chain)
-DEFAULT_BATCH_SIZE = 64
-DEFAULT_SHARD_SIZE = 1000
 LOG_EVERY_S = 30.0  #: progress log interval when no progress bar is shown
 _IDENTITY_KEYS = ("weights_sha256", "config_sha256", "dtype", "outputs", "node_embed")
 
@@ -79,6 +84,7 @@ def embed_corpus(
     max_length: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     node_embed: str | os.PathLike | None = None,
+    max_structure_bytes: int = DEFAULT_MAX_STRUCTURE_BYTES,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     attention: str | None = None,
@@ -93,10 +99,14 @@ def embed_corpus(
     ``manifest`` (``path`` or ``path<TAB>chain`` per line) with the export ``export`` into
     Parquet shards in ``out``; see :mod:`ipa_export.structures.shards` for the layout.
 
-    Record ids are ``<file stem>_<chain>``; existing complete shards in ``out`` written with the
-    same export, config, dtype, outputs and node embeddings are kept and their ids skipped
-    (resume); other shards are refused unless ``overwrite=True``, which removes only files this
-    package wrote. ``device``, ``dtype``, ``attention`` and ``compile`` are passed to
+    Record ids are ``<file stem>_<chain>``, unique (a clash is refused before any work, or an
+    error record); existing complete shards in ``out`` written with the same export, config,
+    dtype, outputs and node embeddings are kept and their ids skipped (resume), except the rows
+    of an input whose content changed since (SHA-256), which are replaced; other shards are
+    refused unless ``overwrite=True``, which removes only files this package wrote. One run at a
+    time writes ``out`` (a lock held for the whole run). A structure past
+    ``max_structure_bytes`` of text (after decompression) is an error record. ``device``,
+    ``dtype``, ``attention`` and ``compile`` are passed to
     ``IPAEncoder.from_pretrained``. Batches hold at most ``batch_size`` chains and
     ``max_tokens`` padded residues (a longer chain goes alone). ``progress``: a bar (True), log
     lines every 30 s (False), or a bar on a terminal only (None). ``engine="ray"`` runs on Ray
@@ -107,6 +117,8 @@ def embed_corpus(
     """
     started = time.perf_counter()
     outputs = _check_options(outputs, max_tokens, batch_size, max_length, shard_size, engine)
+    if not isinstance(max_structure_bytes, int) or max_structure_bytes < 1:
+        raise InputError(f"--max-structure-bytes: expected a positive integer, got {max_structure_bytes!r}")
     sources = collect_sources(inputs, manifest, chain)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -119,25 +131,27 @@ def embed_corpus(
     if node_source is None and not encoder.config.num_residue_types:
         raise InputError(
             "--node-embed: required, because this export has no residue-type embedding table "
-            "(config.num_residue_types is 0); pass per-chain embeddings keyed by record id (e.g. ESM-2 + adapter)"
+            "(config.num_residue_types is 0); pass per-chain embeddings keyed by record id (e.g. ESM-2 + adapter), "
+            "or convert the checkpoint with --residue-embedding-seed SEED (an untrained table, for demos)"
         )
     identity = run_identity(export, encoder, outputs, node_embed)
-    done, first_index = prepare_output(out, identity, overwrite)
     config = encoder.config
     schema = arrow_schema(tensor_shapes(config.c_s, config.z_factor_rank, config.c_p), outputs, identity)
-    summary = EmbedSummary(out=out, inputs=len(sources), skipped=len(done))
-    batching = Batching(max_tokens, batch_size, max_length)
-    with RunOutput(out, schema, shard_size, first_index, summary, fail_fast) as output:
-        if engine == "ray":
-            from .ray_engine import run_ray
+    batching = Batching(max_tokens, batch_size, max_length, max_structure_bytes)
+    with output_lock(out):
+        done, first_index = prepare_output(out, identity, overwrite, sources)
+        summary = EmbedSummary(out=out, inputs=len(sources), skipped=len(done))
+        with RunOutput(out, schema, shard_size, first_index, summary, fail_fast, done) as output:
+            if engine == "ray":
+                from .ray_engine import run_ray
 
-            del encoder
-            run_ray(export, load, sources, done, output, node_embed, batching, ray_address)
-        else:
-            _run_local(encoder, sources, done, output, node_source, batching, progress)
-    summary.shards = {p.name: _rows(p) for p in shard_paths(out)}
-    summary.seconds = time.perf_counter() - started
-    write_manifest(out, identity, sources, summary)
+                del encoder
+                run_ray(export, load, sources, done, output, node_embed, batching, ray_address)
+            else:
+                _run_local(encoder, sources, done, output, node_source, batching, progress)
+        summary.shards = {p.name: _rows(p) for p in shard_paths(out)}
+        summary.seconds = time.perf_counter() - started
+        write_manifest(out, identity, sources, summary)
     return summary
 
 
@@ -189,22 +203,28 @@ def run_identity(
     }
 
 
-def prepare_output(out: Path, identity: Mapping[str, Any], overwrite: bool) -> tuple[set[str], int]:
-    """Check ``out`` and return (ids in its complete shards, index of the next shard).
+def prepare_output(
+    out: Path, identity: Mapping[str, Any], overwrite: bool, sources: Sequence[Source]
+) -> tuple[dict[str, str], int]:
+    """Check ``out`` (locked by the caller) and return (record id -> source of the rows in its
+    complete shards, index of the next shard).
 
-    A directory this package did not write (shards or ``_errors.jsonl`` without ``_run.json``)
-    is refused; shards of another export/config are refused unless ``overwrite``, which removes
-    the files this package wrote there (shards, ``_run.json``, ``_errors.jsonl``,
-    ``_manifest.json``) and nothing else. (The temporary file of a shard a killed run left
-    unfinished is removed by :func:`~ipa_export.export.files.atomic_file` when that shard is
-    written again.)"""
+    A directory holding shards, ``_errors.jsonl``, ``_run.json`` or ``_manifest.json`` this
+    package did not write is refused; shards of another export/config are refused unless
+    ``overwrite``, which removes the files this package wrote there and nothing else. The
+    rows of an input whose SHA-256 differs from the one recorded when it was embedded are
+    dropped (re-embedded by this run). ``_run.json`` is then written: the identity and every
+    input's fingerprint. (The temporary file of a shard a killed run left unfinished is
+    removed by :func:`~ipa_export.export.files.atomic_file` when that shard is written again.)"""
     run_file = out / RUN_FILE
     previous = _read_json(run_file) if run_file.is_file() else None
     shards = shard_paths(out)
     ours = previous is not None and previous.get("format") == "ipa_export.embeddings"
     foreign = [p.name for p in shards if shard_identity(p) is None]
-    if (out / ERRORS_FILE).exists() and not ours:
-        foreign.append(ERRORS_FILE)
+    if not ours:
+        foreign += [name for name in (RUN_FILE, ERRORS_FILE, MANIFEST_FILE) if os.path.lexists(out / name)]
+    elif (out / MANIFEST_FILE).exists() and (_read_json(out / MANIFEST_FILE) or {}).get("format") != identity["format"]:
+        foreign.append(MANIFEST_FILE)
     if foreign:
         raise FileExistsError(
             f"--out: {out} holds files this package did not write ({', '.join(foreign[:5])}); "
@@ -219,15 +239,25 @@ def prepare_output(out: Path, identity: Mapping[str, Any], overwrite: bool) -> t
             f"--out: {out} holds embeddings of another run (different {', '.join(differs)}); "
             "pass --overwrite to replace them, or a new --out directory"
         )
+    recorded: dict[str, Any] = {}
     if differs:
         remove_files([*shards, run_file, out / ERRORS_FILE, out / MANIFEST_FILE])
         shards = []
     elif ours:  # resume: the manifest is rewritten when the run completes
         remove_files([out / MANIFEST_FILE])
-    out.mkdir(parents=True, exist_ok=True)
+        recorded = previous.get("inputs") or {}
+    current = {s.given: fingerprint(s.path, s.given) for s in sources}
+    done = shard_sources(shards)
+    changed = set(changed_inputs(recorded, current.values()))
+    if stale := {rid for rid, source in done.items() if source in changed}:
+        log.warning("%s: %d input(s) changed since they were embedded; their %d record(s) are embedded again: %s",
+                    out, len(changed), len(stale), ", ".join(sorted(changed)[:10]))  # fmt: skip
+        drop_rows(shards, stale)
+        shards = shard_paths(out)
+        done = {rid: source for rid, source in done.items() if rid not in stale}
+    inputs = {**recorded, **{g: {k: v for k, v in vars(f).items() if k != "given"} for g, f in current.items()}}
     with atomic_file(run_file) as tmp:
-        tmp.write_text(json.dumps(dict(identity), indent=2) + "\n")
-    done = {rid for p in shards for rid in shard_ids(p)}
+        tmp.write_text(json.dumps({**identity, "inputs": inputs}, indent=2) + "\n")
     next_index = max((int(p.name[5:-8]) for p in shards), default=-1) + 1
     return done, next_index
 
@@ -296,7 +326,7 @@ def _background(items: Iterator[Any], size: int, stop: threading.Event) -> Itera
 def _run_local(
     encoder: Any,
     sources: Sequence[Source],
-    done: set[str],
+    done: Mapping[str, str],
     output: RunOutput,
     node_source: NodeEmbedSource | None,
     batching: Batching,
@@ -316,7 +346,7 @@ def _run_local(
         output.write(records_table(rows, output.schema))
         meter.update(chains=len(rows), residues=sum(len(r["sequence"]) for r in rows))
 
-    parsed = _background(parse_sources(sources, done, batching.max_length), 4 * batching.batch_size, stop)
+    parsed = _background(parse_sources(sources, done, batching), 4 * batching.batch_size, stop)
     try:
         for item in parsed:
             if item is FILE_DONE:

@@ -6,14 +6,16 @@ path or two files that would give the same record id stop the run before any wor
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .reader import structure_stem
+from .reader import read_chains, structure_stem
 
 __all__ = ["STRUCTURE_SUFFIXES", "Source", "collect_sources", "record_id"]
 
@@ -59,7 +61,7 @@ def collect_sources(
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_structure_file(p))
+            found = _search(path)
             if not found:
                 raise InputError(
                     f"inputs: directory {path} holds no structure file (*.pdb, *.ent, *.cif, *.mmcif, optionally .gz)"
@@ -68,13 +70,43 @@ def collect_sources(
         elif path.is_file():
             sources.append(Source(path, str(item), chain))
         else:
-            raise FileNotFoundError(f"inputs: {item}: no such file or directory")
+            raise FileNotFoundError(f"inputs: {item}: {_not_a_file(path)}")
     if manifest is not None:
         sources += _read_manifest(Path(manifest), chain)
     if not sources:
         raise InputError("inputs: no structure given; pass structure files, directories or --manifest FILE")
     _check_unique(sources)
     return sources
+
+
+def _search(directory: Path) -> list[Path]:
+    """Structure files under ``directory``, sorted; symbolic links to directories are followed,
+    each directory searched once (a link back into one already searched is skipped)."""
+    seen: set[tuple[int, int]] = set()
+    found = []
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        status = os.stat(root)
+        if (status.st_dev, status.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        found += [p for name in files if is_structure_file(p := Path(root) / name) and p.is_file()]
+    return sorted(found)
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` is neither a regular file nor a directory."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)})"
+        return "no such file or directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe), expected a structure file or directory"
+    return "a special file (socket or device), expected a structure file or directory"
 
 
 def _read_manifest(manifest: Path, chain: str | None) -> list[Source]:
@@ -92,7 +124,7 @@ def _read_manifest(manifest: Path, chain: str | None) -> list[Source]:
         given = fields[0].strip()
         path = Path(given) if Path(given).is_absolute() else manifest.parent / given
         if not path.is_file():
-            missing.append(f"{manifest}:{number}: {given}")
+            missing.append(f"{manifest}:{number}: {given} ({_not_a_file(path)})")
         line_chain = fields[1].strip() if len(fields) == 2 else chain
         sources.append(Source(path, given, line_chain or None))
     if missing:
@@ -103,9 +135,30 @@ def _read_manifest(manifest: Path, chain: str | None) -> list[Source]:
     return sources
 
 
+def _final_id_clashes(by_stem: Mapping[str, Sequence[Source]]) -> list[str]:
+    """Clashes among the record ids of the files whose stem is another stem + ``_`` + suffix."""
+    suspects: set[str] = set()
+    for stem in by_stem:
+        for i, char in enumerate(stem):
+            if char == "_" and stem[:i] in by_stem:
+                suspects |= {stem, stem[:i]}
+    given: dict[str, list[str]] = defaultdict(list)
+    for source in (s for stem in sorted(suspects) for s in by_stem[stem]):
+        try:
+            chains = read_chains(source.path, source.chain)
+        except (OSError, ValueError):  # an error record when the run reaches it
+            continue
+        for chain in [b.chain for b in chains.backbones] + [f.chain for f in chains.failures]:
+            where = f"chain {chain}" if chain else "no chain id"
+            given[record_id(source.stem, chain)].append(f"{source.given} ({where})")
+    return [f"{rid}: " + ", ".join(names) for rid, names in given.items() if len(names) > 1]
+
+
 def _check_unique(sources: Sequence[Source]) -> None:
     """Record ids are ``<stem>_<chain>``: two files with one stem may clash on any chain, and one
-    file listed twice for one chain (or all chains) would be embedded twice."""
+    file listed twice for one chain (or all chains) would be embedded twice. A stem that is
+    another stem + ``_`` + something (``prot_A.pdb`` beside ``prot.pdb``) may clash on the final
+    ids: those files alone are read here to compare the ids they give."""
     by_stem: dict[str, list[Source]] = defaultdict(list)
     for source in sources:
         by_stem[source.stem].append(source)
@@ -117,6 +170,8 @@ def _check_unique(sources: Sequence[Source]) -> None:
         same_file = len({s.path.resolve() for s in group}) == 1
         if not (same_file and None not in chains and len(set(chains)) == len(chains)):
             clashes.append(f"{stem}: " + ", ".join(s.given + (f" (chain {s.chain})" if s.chain else "") for s in group))
+    if not clashes:
+        clashes = _final_id_clashes(by_stem)
     if clashes:
         raise InputError(
             f"inputs: record ids (<file stem>_<chain>) would not be unique; {len(clashes)} clash(es): "

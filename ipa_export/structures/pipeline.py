@@ -4,7 +4,7 @@ source, look up node embeddings, run one padded batch, record failures."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,9 +13,10 @@ import torch
 
 from ..errors import IPAExportError
 from ..model import frames
+from ..model.validation import check_structure_inputs
 from .inputs import Source, record_id
 from .node_embed import NodeEmbedSource
-from .reader import Backbone, read_chains
+from .reader import DEFAULT_MAX_STRUCTURE_BYTES, Backbone, read_chains
 from .shards import ERRORS_FILE, TENSOR_COLUMNS, ShardWriter
 
 __all__ = [
@@ -92,12 +93,14 @@ class ErrorLog:
         self._file.close()
 
 
-def parse_sources(sources: Sequence[Source], done: set[str], max_length: int | None) -> Iterator[Any]:
+def parse_sources(sources: Sequence[Source], done: Mapping[str, str], batching: Batching) -> Iterator[Any]:
     """Read every source: a ``Parsed`` per chain to embed, a ``Failed`` per failure, and
-    ``FILE_DONE`` after each file. Chains whose id is in ``done`` are skipped."""
+    ``FILE_DONE`` after each file. Chains whose id ``done`` maps to their source are skipped;
+    an id ``done`` maps to another source is a clash (a ``Failed``)."""
+    max_length = batching.max_length
     for source in sources:
         try:
-            chains = read_chains(source.path, source.chain)
+            chains = read_chains(source.path, source.chain, max_bytes=batching.max_structure_bytes)
         except Exception as err:  # any unreadable file is an error record, not a crash
             reason = str(err) if isinstance(err, (OSError, ValueError)) else f"{type(err).__name__}: {err}"
             yield Failed(source.given, source.chain or "", reason)
@@ -108,6 +111,8 @@ def parse_sources(sources: Sequence[Source], done: set[str], max_length: int | N
         for backbone in chains.backbones:
             rid = record_id(source.stem, backbone.chain)
             if rid in done:
+                if done[rid] != source.given:
+                    yield Failed(source.given, backbone.chain, _taken(rid, done[rid]), rid)
                 continue
             length = len(backbone.sequence)
             if max_length is not None and length > max_length:
@@ -128,10 +133,10 @@ def embed_batch(
     ca = torch.zeros(size, n, 3)
     rotations = torch.eye(3).repeat(size, n, 1, 1)
     mask = torch.zeros(size, n, dtype=torch.bool)
-    residue_index = torch.zeros(size, n, dtype=torch.int64)  # the file's numbers: gaps are seen as gaps
+    residue_index = torch.zeros(size, n, dtype=torch.int64)  # strictly increasing, the file's gaps kept
     for i, (item, embed) in enumerate(zip(batch, node_embeds, strict=True)):
         bb, length = item.backbone, lengths[i]
-        node_embed[i, :length], mask[i, :length], residue_index[i, :length] = embed, True, bb.residue_numbers
+        node_embed[i, :length], mask[i, :length], residue_index[i, :length] = embed, True, bb.residue_index
         rotations[i, :length], ca[i, :length] = frames.from_backbone(bb.n, bb.ca, bb.c)
     device = parameter.device
     inputs = (node_embed, ca, mask, rotations, None, residue_index)
@@ -150,22 +155,40 @@ def embed_batch(
 
 
 def node_embeddings(encoder: Any, item: Parsed, source: NodeEmbedSource | None) -> torch.Tensor:
-    """[L, c_s] node embeddings of one chain: from ``source`` or the export's residue table."""
+    """[L, c_s] node embeddings of one chain, from ``source`` or the export's residue table,
+    after the encoder's value checks passed on this chain alone (finite coordinates within
+    bounds, proper N-CA-C frames): a failure is a ValueError for this chain only, never for the
+    batch it would join."""
+    bb = item.backbone
     if source is not None:
-        return source.get(item.id, len(item.backbone.sequence), encoder.config.c_s)
-    with torch.inference_mode():
-        device = next(encoder.parameters()).device
-        return encoder.embed_residues(item.backbone.aatype.to(device)).float().cpu()
+        embed = source.get(item.id, len(bb.sequence), encoder.config.c_s)
+    else:
+        with torch.inference_mode():
+            device = next(encoder.parameters()).device
+            embed = encoder.embed_residues(bb.aatype.to(device)).float().cpu()
+    rotations, ca = frames.from_backbone(bb.n, bb.ca, bb.c)
+    mask = torch.ones(1, len(bb.sequence), dtype=torch.bool)
+    check_structure_inputs(encoder.config.c_s, embed[None], ca[None], mask, rotations[None])
+    return embed
+
+
+def _taken(rid: str, other: str) -> str:
+    return (
+        f"record id {rid!r} is already taken by {other}; ids are <file stem>_<chain>: rename one of the files "
+        "(or list it in a --manifest with a chain column)"
+    )
 
 
 @dataclass(frozen=True)
 class Batching:
-    """How chains are grouped: at most ``batch_size`` chains and ``max_tokens`` padded residues
-    per batch; chains past ``max_length`` residues are error records."""
+    """How chains are read and grouped: at most ``batch_size`` chains and ``max_tokens`` padded
+    residues per batch; chains past ``max_length`` residues and files past
+    ``max_structure_bytes`` of text are error records."""
 
     max_tokens: int
     batch_size: int
     max_length: int | None = None
+    max_structure_bytes: int = DEFAULT_MAX_STRUCTURE_BYTES
 
 
 class RunOutput:
@@ -174,8 +197,9 @@ class RunOutput:
     records), or drops it if it cannot be completed."""
 
     def __init__(self, out: Path, schema: Any, shard_size: int, first_index: int, summary: EmbedSummary,
-                 fail_fast: bool):  # fmt: skip
+                 fail_fast: bool, done: Mapping[str, str]):  # fmt: skip
         self.schema, self.summary, self.fail_fast = schema, summary, fail_fast
+        self._sources = dict(done)  # record id -> source, of every row written (ids are unique)
         self.outputs = [f.name for f in schema if f.name in TENSOR_COLUMNS]
         self._writer = ShardWriter(out, schema, shard_size, first_index)
         self._errors = ErrorLog(out)
@@ -188,7 +212,19 @@ class RunOutput:
             raise EmbedFailure(f"{failed.source} (chain {failed.chain or '-'}): {failed.reason}")
 
     def write(self, table: Any) -> None:
-        """Append embedded rows (a table of :attr:`schema`)."""
+        """Append embedded rows (a table of :attr:`schema`); a row whose id another source took
+        is a failure instead."""
+        import pyarrow as pa
+
+        ids, sources, chains = (table.column(c).to_pylist() for c in ("id", "source", "chain"))
+        keep = [self._sources.setdefault(rid, source) == source for rid, source in zip(ids, sources, strict=True)]
+        if not all(keep):
+            for rid, source, chain, kept in zip(ids, sources, chains, keep, strict=True):
+                if not kept:
+                    self.fail(Failed(source, chain, _taken(rid, self._sources[rid]), rid))
+            table = table.filter(pa.array(keep))
+            if not table.num_rows:
+                return
         self._writer.write(table)
         self.summary.records += table.num_rows
         self.summary.residues += sum(table.column("length").to_pylist())

@@ -40,7 +40,7 @@ def _ray() -> Any:
     return ray
 
 
-def _parse_block(batch: dict[str, Any], done: frozenset[str], max_length: int | None) -> Any:
+def _parse_block(batch: dict[str, Any], done: Mapping[str, str], batching: Batching) -> Any:
     """Structure paths -> one row per chain (``error`` null) or per failure (``error`` set)."""
     import pyarrow as pa
 
@@ -51,7 +51,7 @@ def _parse_block(batch: dict[str, Any], done: frozenset[str], max_length: int | 
         k: []
         for k in ("id", "source", "chain", "sequence", "residue_ids", "residue_numbers", "backbone", "aatype", "error")
     }
-    for item in parse_sources(sources, set(done), max_length):
+    for item in parse_sources(sources, done, batching):
         if isinstance(item, Failed):
             values = [item.id, item.source, item.chain, None, None, None, None, None, item.reason]
         elif isinstance(item, Parsed):
@@ -135,7 +135,7 @@ def run_ray(
     export: str | os.PathLike,
     load: Mapping[str, Any],
     sources: Sequence[Source],
-    done: set[str],
+    done: Mapping[str, str],
     output: RunOutput,
     node_embed: str | os.PathLike | None,
     batching: Batching,
@@ -158,7 +158,7 @@ def run_ray(
         items = [{"path": str(s.path), "given": s.given, "chain": s.chain or ""} for s in sources]
         dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // ROWS_PER_BLOCK))
         parsed = dataset.map_batches(
-            _parse_block, fn_kwargs={"done": frozenset(done), "max_length": batching.max_length},
+            _parse_block, fn_kwargs={"done": dict(done), "batching": batching},
             batch_size=ROWS_PER_BLOCK, batch_format="numpy",
         )  # fmt: skip
         embedded = parsed.map_batches(

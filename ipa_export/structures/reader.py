@@ -2,12 +2,18 @@
 
 Parsing is done by gemmi, an optional dependency (``pip install 'ipa-export[structure]'``),
 imported only when a file is read. Coordinates are returned in Angstrom as float32 tensors.
+
+Every residue with N, CA and C is kept, in file order: residues are never merged by number, so a
+chain whose numbering restarts, wraps or repeats is read whole (with a logged warning). The
+encoder's ``residue_index`` (:func:`encoder_residue_index`) increases strictly along a chain.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +21,15 @@ from typing import Any
 import torch
 
 from ..errors import InputError, MissingDependencyError
+from .options import DEFAULT_MAX_STRUCTURE_BYTES
 
 __all__ = [
+    "DEFAULT_MAX_STRUCTURE_BYTES",
     "RESIDUE_TYPES",
     "Backbone",
     "ChainFailure",
     "StructureChains",
+    "encoder_residue_index",
     "read_backbone",
     "read_chains",
     "structure_stem",
@@ -29,6 +38,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RESIDUE_TYPES: str = "ARNDCQEGHILKMFPSTWYV"  # index 0..19; 20 = unknown ("X")
+#: Largest structure text read (bytes, after gzip decompression): a bigger file is refused
+#: unparsed, so a small .gz cannot expand into gigabytes of memory.
 _BACKBONE = ("N", "CA", "C")
 # Protonation-state names written by MD force fields (CHARMM, AMBER); gemmi does not tabulate them.
 _FORCE_FIELD_NAMES = {
@@ -50,12 +61,25 @@ class Backbone:
     chain: str  # chain id as written in the file ("" when the file has none)
     sequence: str  # one-letter codes, "X" for unknown residue types
     residue_ids: tuple[str, ...]  # "<chain>:<seqnum><icode>", e.g. "A:42", "A:42A"
-    residue_numbers: torch.Tensor  # [L] int64 author residue numbers (seqnum, insertion codes dropped)
+    residue_numbers: torch.Tensor  # [L] int64 author residue numbers as written (insertion codes dropped)
     chain_ids: tuple[str, ...]  # [L] chain id of each residue
     aatype: torch.Tensor  # [L] int64 in 0..20
     n: torch.Tensor  # [L, 3] float32
     ca: torch.Tensor  # [L, 3] float32
     c: torch.Tensor  # [L, 3] float32
+
+    @property
+    def residue_index(self) -> torch.Tensor:
+        """[L] int64 positions for the encoder: :func:`encoder_residue_index` of the numbers."""
+        return encoder_residue_index(self.residue_numbers)
+
+
+def encoder_residue_index(numbers: torch.Tensor) -> torch.Tensor:
+    """[L] int64 residue numbers in file order -> [L] strictly increasing positions: the first
+    number, then one step per residue, or the file's gap when the number grows by more than one
+    (an insertion code, a repeated, restarted or wrapped number continues at previous + 1)."""
+    steps = (numbers[1:] - numbers[:-1]).clamp(min=1)
+    return torch.cat([numbers[:1], numbers[:1] + steps.cumsum(0)])
 
 
 def _one_letter(gemmi: Any, name: str) -> str:
@@ -90,16 +114,27 @@ def _conformer(group: list[Any]) -> tuple[Any, str]:
     return best[1], best[2]
 
 
+def _has_altlocs(res: Any) -> bool:
+    return any(atom.altloc != "\0" for atom in res)
+
+
 def _chain_residues(gemmi: Any, chain: Any) -> tuple[list[tuple[str, int, str, list[Any]]], list[str]]:
-    """(residue id, residue number, one-letter code, [N, CA, C] atoms) per kept residue, and
-    skipped residue ids."""
-    groups: dict[str, list[Any]] = {}
+    """(residue id, residue number, one-letter code, [N, CA, C] atoms) per kept residue, in
+    file order, and skipped residue ids. Consecutive residues with one number are alternative
+    conformers (microheterogeneity) only when they have alternate locations; else both are kept."""
+    groups: list[list[Any]] = []
     for res in chain:
-        if _is_amino_acid(gemmi, res):
-            groups.setdefault(f"{chain.name}:{res.seqid.num}{res.seqid.icode.strip()}", []).append(res)
+        if not _is_amino_acid(gemmi, res):
+            continue
+        previous = groups[-1][-1] if groups else None
+        if previous is not None and previous.seqid == res.seqid and _has_altlocs(previous) and _has_altlocs(res):
+            groups[-1].append(res)
+        else:
+            groups.append([res])
     kept, skipped = [], []
-    for rid, group in groups.items():
+    for group in groups:
         res, alt = _conformer(group)
+        rid = f"{chain.name}:{res.seqid.num}{res.seqid.icode.strip()}"
         atoms = [res.find_atom(a, alt) for a in _BACKBONE]
         if all(atoms):
             kept.append((rid, res.seqid.num, _one_letter(gemmi, res.name), atoms))
@@ -107,6 +142,61 @@ def _chain_residues(gemmi: Any, chain: Any) -> tuple[list[tuple[str, int, str, l
             missing = ",".join(a for a, atom in zip(_BACKBONE, atoms, strict=True) if not atom)
             skipped.append(f"{rid}({res.name} lacks {missing})")
     return kept, skipped
+
+
+def _merged_residues(structure: Any) -> list[str]:
+    """Residues of the first model holding one backbone atom twice (same name and altloc):
+    gemmi merges the atoms of residues that share chain, number, insertion code and name."""
+    merged = []
+    for chain in structure[0]:
+        for res in chain:
+            names = [(atom.name, atom.altloc) for atom in res if atom.name in _BACKBONE]
+            if len(names) != len(set(names)):
+                merged.append(f"{chain.name}:{res.seqid.num}{res.seqid.icode.strip()}")
+    return merged
+
+
+def _separate_repeats(data: bytes) -> bytes:
+    """PDB text in which every residue that repeats an earlier (chain, number, insertion code,
+    name, segment) of its chain part is given its own segment id (columns 73-76), so that gemmi
+    keeps it as a residue of its own. A residue begins where those fields change from the line
+    before, or where an atom name and altloc repeat."""
+    lines = data.split(b"\n")
+    seen: dict[bytes, int] = {}
+    chain, key, atoms, tag = None, None, set(), b""
+    for i, line in enumerate(lines):
+        if line.startswith((b"MODEL", b"ENDMDL")):
+            seen, chain, key = {}, None, None
+        if not line.startswith((b"ATOM  ", b"HETATM")):
+            continue
+        if line[20:22] != chain:  # a new chain part: gemmi's residue lookup starts afresh
+            seen, chain = {}, line[20:22]
+        this, atom = line[17:27] + line[72:76], line[12:17]
+        if this != key or atom in atoms:
+            key, atoms = this, set()
+            count = seen[this] = seen.get(this, -1) + 1
+            tag = b"~%03x" % (count % 4096) if count else b""
+        atoms.add(atom)
+        if tag:
+            lines[i] = line[:72].ljust(72) + tag + line[76:]
+    return b"\n".join(lines)
+
+
+def _structure_bytes(path: Path, max_bytes: int) -> bytes:
+    """The file's text, gunzipped if it is gzip (streamed; at most ``max_bytes`` are read)."""
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        try:
+            data = (gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw).read(max_bytes + 1)
+        except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+            raise InputError(f"{path}: not a valid gzip file ({err})") from err
+    if len(data) > max_bytes:
+        raise InputError(
+            f"{path}: more than {max_bytes:,} bytes of structure text{' once decompressed' if compressed else ''} "
+            "(the cap on one structure); raise it with --max-structure-bytes (embed_corpus(max_structure_bytes=...))"
+        )
+    return data
 
 
 @dataclass(frozen=True)
@@ -134,15 +224,20 @@ def structure_stem(path: str | os.PathLike) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def read_chains(path: str | os.PathLike, chain: str | None = None) -> StructureChains:
+def read_chains(
+    path: str | os.PathLike, chain: str | None = None, *, max_bytes: int = DEFAULT_MAX_STRUCTURE_BYTES
+) -> StructureChains:
     """Read the N, CA, C atoms (Angstrom) of every protein chain (or only ``chain``) from the
     first model of a PDB or mmCIF file, optionally gzipped, in file order.
 
     Waters, ligands and hydrogens are ignored; alternate locations resolve to the
     highest-occupancy conformer; residues lacking N, CA or C are skipped with a logged warning;
-    a chain with amino acids but no residue holding all three is a :class:`ChainFailure`.
-    Raises FileNotFoundError, or ValueError (naming the file) for an empty or unparsable file,
-    a file that is not PDB/mmCIF, a file without protein chains, or an unknown ``chain``.
+    every other residue is kept in file order, also where numbers repeat (logged); a chain with
+    amino acids but no residue holding all three is a :class:`ChainFailure`, and so is an mmCIF
+    chain whose residues repeat a number and name (gemmi merges them). Raises
+    FileNotFoundError, or ValueError (naming the file) for an empty or unparsable file, a file
+    that is not PDB/mmCIF, one past ``max_bytes`` of text (after decompression), a file
+    without protein chains, or an unknown ``chain``.
     """
     try:
         import gemmi
@@ -156,10 +251,15 @@ def read_chains(path: str | os.PathLike, chain: str | None = None) -> StructureC
         raise FileNotFoundError(f"no such structure file: {path}")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file, expected a PDB or mmCIF structure")
+    data = _structure_bytes(path, max_bytes)
     try:
-        structure = gemmi.read_structure(str(path))
+        structure = gemmi.read_structure_string(data)
+        if (merged := _merged_residues(structure)) and structure.input_format == gemmi.CoorFormat.Pdb:
+            structure = gemmi.read_structure_string(_separate_repeats(data))
+            merged = _merged_residues(structure)
     except Exception as err:  # gemmi raises RuntimeError/ValueError for malformed input
         raise InputError(f"cannot parse structure file {path}: {err}") from err
+    del data
     if len(structure) == 0 or structure[0].count_atom_sites() == 0:
         raise InputError(
             f"{path}: not a PDB/mmCIF file (no ATOM/HETATM records found); "
@@ -172,7 +272,16 @@ def read_chains(path: str | os.PathLike, chain: str | None = None) -> StructureC
     for ch in structure[0]:
         if ch.name in read or (chain is not None and ch.name != chain):
             continue
+        repeats = [rid for rid in merged if rid.split(":", 1)[0] == ch.name]
+        if repeats:
+            read[ch.name] = ChainFailure(
+                ch.name,
+                f"chain {ch.name!r}: residues {', '.join(repeats[:5])} repeat a number and name in this mmCIF "
+                "file and cannot be told apart; renumber them (e.g. gemmi convert via PDB) or drop the copies",
+            )
+            continue
         kept, skipped = _chain_residues(gemmi, ch)
+        _warn_repeated_numbering(path, ch.name, kept)
         if kept:
             if skipped:
                 log.warning(
@@ -190,6 +299,19 @@ def read_chains(path: str | os.PathLike, chain: str | None = None) -> StructureC
         backbones=[b for b in read.values() if isinstance(b, Backbone)],
         failures=[f for f in read.values() if isinstance(f, ChainFailure)],
     )
+
+
+def _warn_repeated_numbering(path: Path, chain: str, kept: list[tuple[str, int, str, list[Any]]]) -> None:
+    """Log where residue (number, insertion code) stops increasing along a chain."""
+    keys = [(num, rid.rsplit(":", 1)[1].lstrip("-0123456789")) for rid, num, _, _ in kept]
+    at = [i for i in range(1, len(keys)) if keys[i] <= keys[i - 1]]
+    if at:
+        i = at[0]
+        log.warning(
+            "%s: chain %r: residue numbering repeats or decreases %d time(s) (first %s after %s); every residue "
+            "is kept in file order, and residue_index continues at the previous + 1 there",
+            path, chain, len(at), kept[i][0], kept[i - 1][0],
+        )  # fmt: skip
 
 
 def read_backbone(path: str | os.PathLike, chain: str | None = None) -> Backbone:

@@ -1,7 +1,9 @@
 """Embeddings on disk: Parquet shards, one row per chain, written atomically; and their reader.
 
 A directory holds ``part-00000.parquet``, ``part-00001.parquet``, ... (each renamed into place
-only when complete), ``_run.json`` (what the run embeds with, written first), ``_errors.jsonl``
+only when complete, flushed to disk and re-read as valid: :func:`shard_file`), ``_run.json``
+(what the run embeds with and the inputs' fingerprints, written first), ``_lock`` (held by
+the run writing the directory), ``_errors.jsonl``
 (one line per failed chain or file) and ``_manifest.json`` (written last). Names starting with
 ``_`` are skipped by pandas, ``pyarrow.dataset`` and Ray Data, so ``pandas.read_parquet(DIR)``
 reads the rows as they are. Tensors are nested lists of float32: ``s`` ``[L][c_s]``,
@@ -14,25 +16,28 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import MissingDependencyError
-from ..export.files import atomic_file
+from ..export.files import atomic_file, remove_files
 
 __all__ = [
     "ERRORS_FILE",
     "MANIFEST_FILE",
     "RUN_FILE",
     "TENSOR_COLUMNS",
+    "ShardFile",
     "ShardWriter",
     "arrow_schema",
     "load_embeddings",
     "records_table",
+    "shard_file",
+    "write_shard",
 ]
 
 RUN_FILE, ERRORS_FILE, MANIFEST_FILE = "_run.json", "_errors.jsonl", "_manifest.json"
@@ -113,26 +118,112 @@ def records_table(records: Sequence[Mapping[str, Any]], schema: Any) -> Any:
     return pa.table([columns[f.name] for f in schema], schema=schema)
 
 
+class ShardFile:
+    """The Parquet writer of one shard being written (see :func:`shard_file`)."""
+
+    def __init__(self, writer: Any):
+        self._writer, self.rows = writer, 0
+
+    def write(self, table: Any) -> None:
+        """Append ``table`` as one row group."""
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+
+@contextmanager
+def shard_file(target: Path, schema: Any) -> Iterator[ShardFile]:
+    """Write one shard to ``target``: a temporary sibling is written (one row group per
+    :meth:`ShardFile.write`), closed, flushed to disk (fsync), re-opened and checked (Parquet
+    footer, ``schema``, row count) and only then renamed to ``target``. On any error (a full
+    disk, a file size limit, an exception in the ``with`` body) the temporary file is removed,
+    nothing is published, and an I/O error is re-raised as one OSError naming ``target``.
+
+    This is the only place a shard is published; any process (a worker, the driver) may call
+    it for its own ``target``, e.g. ``with shard_file(path, schema) as shard: shard.write(table)``."""
+    import pyarrow.parquet as pq
+
+    try:
+        with atomic_file(target) as tmp:
+            writer = pq.ParquetWriter(tmp, schema)
+            shard = ShardFile(writer)
+            try:
+                yield shard
+            except BaseException:
+                with suppress(Exception):  # the file is removed unpublished whatever close says
+                    writer.close()
+                raise
+            writer.close()
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            _check_shard(tmp, schema, shard.rows)
+    except OSError as error:
+        message = f"cannot write {target}: {error.strerror or str(error).splitlines()[0]}; nothing of it was published"
+        raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
+    _fsync_directory(target.parent)
+
+
+def _check_shard(path: Path, schema: Any, rows: int) -> None:
+    """Re-open a written shard: a readable Parquet footer, ``schema``, ``rows`` rows."""
+    import pyarrow.parquet as pq
+
+    try:
+        written = pq.ParquetFile(path)
+    except Exception as error:  # ArrowInvalid: no magic bytes, a truncated footer
+        raise OSError(f"the written file is not valid Parquet ({error})") from error
+    stored = written.schema_arrow
+    if written.metadata.num_rows != rows or not stored.equals(schema) or stored.metadata != schema.metadata:
+        raise OSError(f"the written file holds {written.metadata.num_rows} rows of another schema, expected {rows}")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(target: Path, schema: Any, tables: Iterable[Any]) -> int:
+    """Publish ``tables`` (one row group each) as the shard ``target`` (:func:`shard_file`);
+    returns its rows."""
+    with shard_file(target, schema) as shard:
+        for table in tables:
+            shard.write(table)
+    return shard.rows
+
+
 class ShardWriter:
     """Appends tables to ``part-NNNNN.parquet`` shards of about ``shard_size`` rows (one row
-    group per table). A shard is written under a temporary name and renamed when complete."""
+    group per table), each published by :func:`shard_file` when complete. After a failed
+    write the current shard is dropped, never published."""
 
     def __init__(self, directory: Path, schema: Any, shard_size: int, first_index: int = 0):
         self.directory, self.schema, self.shard_size = directory, schema, shard_size
-        self.index, self.rows = first_index, 0
+        self.index = first_index
         self.written: dict[str, int] = {}  # shard name -> rows, for the complete shards
         self._stack: ExitStack | None = None
-        self._writer: Any = None
+        self._shard: ShardFile | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows in the current, unpublished shard."""
+        return self._shard.rows if self._shard is not None else 0
 
     def write(self, table: Any) -> None:
-        if self._writer is None:
-            import pyarrow.parquet as pq
-
+        if self._shard is None:
             self._stack = ExitStack()
-            tmp = self._stack.enter_context(atomic_file(self.directory / self.name))
-            self._writer = pq.ParquetWriter(tmp, self.schema)
-        self._writer.write_table(table)
-        self.rows += table.num_rows
+            self._shard = self._stack.enter_context(shard_file(self.directory / self.name, self.schema))
+        try:
+            self._shard.write(table)
+        except BaseException as error:  # the shard is dropped; its OSError names the shard
+            stack, self._shard, self._stack = self._stack, None, None
+            assert stack is not None
+            stack.__exit__(type(error), error, error.__traceback__)
+            raise
         if self.rows >= self.shard_size:
             self.finish()
 
@@ -141,21 +232,21 @@ class ShardWriter:
         return f"part-{self.index:05d}.parquet"
 
     def finish(self) -> None:
-        """Complete the current shard (rename it into place)."""
-        if self._writer is None:
+        """Complete the current shard (publish it)."""
+        if self._shard is None:
             return
-        self._writer.close()
-        assert self._stack is not None
-        self._stack.close()
-        self.written[self.name] = self.rows
-        self._writer, self._stack, self.rows, self.index = None, None, 0, self.index + 1
+        stack, rows, name = self._stack, self.rows, self.name
+        assert stack is not None
+        self._shard, self._stack = None, None
+        stack.close()
+        self.written[name] = rows
+        self.index += 1
 
     def abort(self) -> None:
         """Drop the current, incomplete shard (its temporary file is removed)."""
-        if self._writer is not None and self._stack is not None:
-            self._writer.close()
-            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
-            self._writer, self._stack, self.rows = None, None, 0
+        if self._stack is not None:
+            stack, self._shard, self._stack = self._stack, None, None
+            stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
 def shard_paths(directory: Path) -> list[Path]:
@@ -176,10 +267,34 @@ def shard_identity(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def shard_ids(path: Path) -> list[str]:
+def shard_sources(paths: Iterable[Path]) -> dict[str, str]:
+    """Record id -> ``source`` (the input as given) of every row of the shards ``paths``."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+    found: dict[str, str] = {}
+    for path in paths:
+        table = pq.read_table(path, columns=["id", "source"])
+        found.update(zip(table.column("id").to_pylist(), table.column("source").to_pylist(), strict=True))
+    return found
+
+
+def drop_rows(paths: Iterable[Path], ids: Collection[str]) -> None:
+    """Rewrite each shard of ``paths`` that holds rows with an id in ``ids`` without them
+    (published by :func:`shard_file`); a shard left without rows is removed."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    pa = _pa()
+    for path in paths:
+        table = pq.read_table(path)
+        keep = pc.invert(pc.is_in(table.column("id"), value_set=pa.array(list(ids), pa.string())))
+        if pc.all(keep).as_py():
+            continue
+        kept = table.filter(keep)
+        if kept.num_rows:
+            write_shard(path, table.schema, [kept])
+        else:
+            remove_files([path])
 
 
 def load_embeddings(
