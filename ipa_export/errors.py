@@ -9,6 +9,11 @@ traceback.
 
 from __future__ import annotations
 
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
 
 class IPAExportError(Exception):
     """Base of the errors this package raises on purpose; the message names the argument,
@@ -72,4 +77,26 @@ class FrozenModuleWarning(UserWarning):
 
 
 class CoordinateScaleWarning(UserWarning):
-    """C-alpha coordinates whose spacing does not look like a chain in Angstrom, in sequence order."""
+    """C-alpha coordinates whose spacing does not look like a chain in Angstrom, in sequence order.
+
+    The message is the same whatever the values (so warning filters de-duplicate it); ``medians``
+    maps each offending protein (batch index) to its median consecutive C-alpha distance (Angstrom)."""
+
+    def __init__(self, message: str, medians: Mapping[int, float] | None = None):
+        super().__init__(message)
+        self.medians = dict(medians or {})
+
+
+def warn_at_caller(warning: Warning) -> None:
+    """``warnings.warn(warning)`` attributed to the first caller outside this package (its
+    examples excepted) and torch: the line that called the model, not ``nn.Module.__call__``."""
+    package = Path(__file__).parent
+    torch = sys.modules.get("torch")  # not imported here: the command line answers --help without it
+    internal = (str(package), *([str(Path(torch.__file__).parent)] if torch and torch.__file__ else []))
+    examples = str(package / "examples")
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(internal):
+        if frame.f_code.co_filename.startswith(examples):
+            break
+        frame, level = frame.f_back, level + 1
+    warnings.warn(warning, stacklevel=level)

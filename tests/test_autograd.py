@@ -151,3 +151,35 @@ def test_rbf_distance_features_are_differentiable_in_the_coordinates():
     one_hot = make_encoder().double()
     _, tangent = torch.func.jvp(lambda c: one_hot.edge_embedder(node, c, mask)[0], (coords,), (direction,))
     assert torch.equal(tangent, torch.zeros_like(tangent))
+
+
+def test_gradient_checkpointing_composes_with_torch_func():
+    encoder = make_encoder()
+    node, coords, mask = protein(batch=2)
+    direction = torch.randn(coords.shape, generator=torch.Generator().manual_seed(5))
+
+    def energy(x: torch.Tensor) -> torch.Tensor:
+        out = encoder(node, x, mask)
+        return out.s.square().mean() + out.translations.square().mean()
+
+    def per_protein(x: torch.Tensor, n: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return encoder(n[None], x[None], m[None]).s.square().mean()
+
+    results = {}
+    for checkpointing in (False, True):
+        encoder.gradient_checkpointing_enable(checkpointing)
+        results[checkpointing] = (
+            torch.func.grad(energy)(coords),
+            torch.func.vmap(torch.func.grad(per_protein))(coords, node, mask),
+            torch.func.jvp(torch.func.grad(energy), (coords,), (direction,))[1],
+        )
+    for off, on in zip(results[False], results[True], strict=True):
+        assert off.abs().max() > 0
+        torch.testing.assert_close(on, off, rtol=0, atol=0)
+    # plain autograd still recomputes (sdpa rather than the dense kernel: rounding differs)
+    calls = []
+    encoder.ipa_stack.ipa_blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    x = coords.clone().requires_grad_(True)
+    energy(x).backward()
+    assert len(calls) == 2  # the forward, and the recomputation in the backward
+    torch.testing.assert_close(x.grad, results[False][0], rtol=1e-4, atol=1e-5)

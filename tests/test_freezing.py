@@ -82,3 +82,50 @@ def test_a_new_encoder_is_not_frozen():
         warnings.simplefilter("error", FrozenModuleWarning)
         encoder.train()
     assert not encoder.is_frozen and encoder.training
+
+
+@pytest.mark.parametrize("thaw", ["parent", "encoder", "parameter"])
+def test_requires_grad_on_a_parent_keeps_the_encoder_frozen(export, thaw):
+    encoder = IPAEncoder.from_pretrained(export)
+    parent = torch.nn.ModuleDict({"encoder": encoder, "head": torch.nn.Linear(32, 1)})
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    with pytest.warns(FrozenModuleWarning, match=r"requires_grad_\(True\) .* call \.unfreeze\(\) first") as caught:
+        if thaw == "parent":
+            parent.requires_grad_(True)
+        elif thaw == "encoder":
+            encoder.requires_grad_(True)
+        else:
+            next(encoder.parameters()).requires_grad = True
+        optimizer = torch.optim.AdamW(parent.parameters(), lr=0.1, weight_decay=0.1)
+        head_before = parent["head"].weight.clone()
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            x, ca = torch.randn(B, N, 32, generator=g), torch.stack([random_chain(N, g) for _ in range(B)])
+            node = x.requires_grad_(True)  # gradients flow through the frozen encoder to its inputs
+            loss = parent["head"](encoder(node, ca, torch.ones(B, N, dtype=torch.bool)).s).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            assert node.grad is not None and node.grad.abs().max() > 0
+    assert len([w for w in caught if issubclass(w.category, FrozenModuleWarning)]) == 1
+    assert caught[0].filename == __file__
+    assert encoder.is_frozen and not any(p.requires_grad for p in encoder.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
+    assert not torch.equal(parent["head"].weight, head_before)
+
+
+def test_unfreeze_then_requires_grad_selects_what_trains(export):
+    encoder = IPAEncoder.from_pretrained(export).unfreeze()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FrozenModuleWarning)
+        encoder.requires_grad_(False)
+        encoder.ipa_stack.final_norm.requires_grad_(True)
+        encoder(
+            torch.randn(1, N, 32),
+            random_chain(N, torch.Generator().manual_seed(0))[None],
+            torch.ones(1, N, dtype=torch.bool),
+        )
+    assert [n for n, p in encoder.named_parameters() if p.requires_grad] == [
+        "ipa_stack.final_norm.weight",
+        "ipa_stack.final_norm.bias",
+    ]

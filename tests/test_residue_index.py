@@ -126,3 +126,32 @@ def test_default_indices_equal_explicit_ones(encoder, protein):
 def test_bad_indices_are_rejected(encoder, protein, changes, error, message):
     with pytest.raises(error, match=message):
         encoder(*protein, torch.ones(1, L, dtype=torch.bool), **changes)
+
+
+def test_padding_bounds_as_the_readme_states_them():
+    """Right padding and the rest of the batch change nothing; left padding (a slot offset)
+    only the fp32 rounding, within the README's bound, about as much as moving the protein."""
+    from pathlib import Path
+
+    from ipa_export import IPAEncoder
+
+    root = Path(__file__).parents[1]
+    readme = " ".join((root / "README.md").read_text().lower().split())
+    assert "right padding and the batch around a protein change nothing (bit-identical)" in readme
+    assert "left padding and slot offsets move `s` by fp32 rounding only: ≤ 5e-4 up to 256 residues" in readme
+    encoder = IPAEncoder.from_pretrained(root / "checkpoints" / "bindrae-ipa-tiny")
+    g = torch.Generator().manual_seed(0)
+    length, pad = 256, 11
+    node, ca = torch.randn(1, length, 64, generator=g), random_chain(length, g)[None] + 50.0
+    mask = torch.ones(1, length, dtype=torch.bool)
+    junk_node, junk_ca = torch.randn(1, pad, 64, generator=g), torch.randn(1, pad, 3, generator=g)
+    junk_mask = torch.zeros(1, pad, dtype=torch.bool)
+    with torch.no_grad():
+        alone = encoder(node, ca, mask).s
+        right = encoder(torch.cat([node, junk_node], 1), torch.cat([ca, junk_ca], 1), torch.cat([mask, junk_mask], 1))
+        left = encoder(torch.cat([junk_node, node], 1), torch.cat([junk_ca, ca], 1), torch.cat([junk_mask, mask], 1))
+        moved = encoder(node, ca + torch.tensor([0.37, -0.21, 0.12]), mask).s
+    assert torch.equal(right.s[:, :length], alone)
+    error = (left.s[:, pad:] - alone).abs().max().item()
+    assert 0 < error <= 5e-4
+    assert error < 10 * (moved - alone).abs().max().item()  # the same order as a translation of the input

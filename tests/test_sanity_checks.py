@@ -21,12 +21,12 @@ def inputs(seed: int = 0):
     return torch.randn(B, N, 32, generator=g), ca, torch.ones(B, N, dtype=torch.bool)
 
 
-def spacing_warnings(*args, **kwargs) -> list[str]:
+def spacing_warnings(*args, encoder=None, **kwargs) -> list[warnings.WarningMessage]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad():
-            make_encoder()(*args, **kwargs)
-    return [str(w.message) for w in caught if issubclass(w.category, CoordinateScaleWarning)]
+            (encoder or make_encoder())(*args, **kwargs)
+    return [w for w in caught if issubclass(w.category, CoordinateScaleWarning)]
 
 
 def test_a_chain_in_angstrom_gives_no_warning():
@@ -35,18 +35,26 @@ def test_a_chain_in_angstrom_gives_no_warning():
 
 def test_nanometre_coordinates_warn_with_the_cause_and_the_fix():
     node_embed, ca, mask = inputs()
-    (message,) = spacing_warnings(node_embed, ca / 10, mask)
-    assert message.startswith("translations: the median distance between consecutive valid C-alpha atoms is 0.3")
-    assert "Angstrom in protein(s) [0, 1] (expected about 3.8, between 2.8 and 4.8)" in message
-    assert "nanometres? Multiply them by 10" in message
+    (warning,) = spacing_warnings(node_embed, ca / 10, mask)
+    message = str(warning.message)
+    assert message.startswith(
+        "translations: the median distance between consecutive valid C-alpha atoms is below 2.8 Angstrom: "
+        "coordinates in nanometres? Multiply them by 10"
+    )
+    assert "pass check_ca_spacing=False" in message
+    assert sorted(warning.message.medians) == [0, 1]
+    assert all(0.3 < m < 0.4 for m in warning.message.medians.values())
 
 
 def test_residues_out_of_sequence_order_warn():
     node_embed, ca, mask = inputs()
     shuffled = ca.clone()
     shuffled[1] = ca[1, torch.randperm(N, generator=torch.Generator().manual_seed(1))]
-    (message,) = spacing_warnings(node_embed, shuffled, mask)
-    assert "in protein(s) [1] " in message and "Pass each chain's residues in sequence order" in message
+    (warning,) = spacing_warnings(node_embed, shuffled, mask)
+    assert "above 4.8 Angstrom" in str(warning.message) and "Pass each chain's residues in sequence order" in str(
+        warning.message
+    )
+    assert list(warning.message.medians) == [1]
 
 
 def test_spacing_is_measured_over_valid_residues_only():
@@ -57,8 +65,50 @@ def test_spacing_is_measured_over_valid_residues_only():
     ca[1, 25:] = float("nan")
     assert spacing_warnings(node_embed, ca, mask) == []
     ca[1, :25] /= 10  # only protein 1's valid residues are in nanometres
-    (message,) = spacing_warnings(node_embed, ca, mask)
-    assert "in protein(s) [1] " in message
+    (warning,) = spacing_warnings(node_embed, ca, mask)
+    assert list(warning.message.medians) == [1]
+
+
+def test_the_spacing_warning_comes_once_per_encoder_with_one_message_at_the_callers_line():
+    node_embed, ca, mask = inputs()
+    encoder = make_encoder()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            for scale in (0.1, 0.2, 0.05):  # three noisy calls, three different medians
+                encoder(node_embed, ca * scale, mask)
+            make_encoder()(node_embed, ca * 0.3, mask)  # another encoder warns once too
+    first, second = [w for w in caught if issubclass(w.category, CoordinateScaleWarning)]
+    assert str(first.message) == str(second.message)  # stable: Python's filters can de-duplicate it
+    assert first.message.medians != second.message.medians
+    assert (first.filename, second.filename) == (__file__, __file__)  # the line calling the encoder
+
+
+def test_the_spacing_warning_points_at_the_line_calling_a_parent_module():
+    class Parent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = make_encoder()
+
+        def forward(self, *args):
+            return self.encoder(*args)
+
+    node_embed, ca, mask = inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            Parent()(node_embed, ca / 10, mask)
+    (warning,) = [w for w in caught if issubclass(w.category, CoordinateScaleWarning)]
+    assert (
+        warning.filename == __file__ and "self.encoder(*args)" in open(__file__).read().splitlines()[warning.lineno - 1]
+    )
+
+
+def test_check_ca_spacing_false_switches_the_check_off():
+    node_embed, ca, mask = inputs()
+    noisy = 10 * torch.randn(ca.shape, generator=torch.Generator().manual_seed(5))  # a diffusion model's input
+    assert spacing_warnings(node_embed, noisy, mask, check_ca_spacing=False) == []
+    assert len(spacing_warnings(node_embed, noisy, mask)) == 1
 
 
 def test_proper_rotations_are_accepted_also_under_autocast():

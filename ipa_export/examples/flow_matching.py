@@ -6,14 +6,19 @@ table + time) feeds the frozen :class:`~ipa_export.IPAEncoder`, which reads the 
 and residue numbers; a trainable head turns the encoder's invariant features into the clean
 frames, as updates in each residue's own frame, so the model is SE(3) equivariant.
 Translations follow straight lines ``x_t = (1 - t) x_0 + t x_1`` and rotations geodesics
-``R_t = R_0 exp(t log(R_0^T R_1))``; the sampler integrates the flow with Euler steps.
+``R_t = R_0 exp(t log(R_0^T R_1))``; the sampler integrates the flow with Euler steps. The
+frame geometry runs in float32 even under ``torch.autocast`` (only the layers use its dtype).
 
-    python -m ipa_export.examples.flow_matching --steps 300
+    python -m ipa_export.examples.flow_matching --export checkpoints/bindrae-ipa-tiny \
+        --structures tests/data/structures/*.pdb.gz --steps 300
+
+``--export`` takes an export directory or a Hub repository id, ``--structures`` PDB/mmCIF files.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import warnings
@@ -29,7 +34,11 @@ from ipa_export.structures.reader import read_backbone
 log = logging.getLogger(__name__)
 
 NOISE_SCALE = 10.0  #: Angstrom, std of the prior's C-alpha positions
-ROOT = Path(__file__).resolve().parents[2]  # the repository, for the default export and data
+
+
+def fp32(x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+    """A region without autocast on ``x``'s device: frame geometry stays in float32."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def random_rotations(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -43,13 +52,19 @@ def random_rotations(shape: tuple[int, ...], generator: torch.Generator | None =
     return torch.stack([torch.stack(row, dim=-1) for row in rows], dim=-2)
 
 
-def rotation_log(rotations: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """[..., 3, 3] rotations -> [..., 3] axis-angle vectors (radians); inverse of Rodrigues."""
-    cos = ((rotations.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1 + eps, 1 - eps)
-    angle = torch.acos(cos)
-    r = rotations
-    skew = torch.stack([r[..., 2, 1] - r[..., 1, 2], r[..., 0, 2] - r[..., 2, 0], r[..., 1, 0] - r[..., 0, 1]], -1)
-    return skew * (angle / (2 * torch.sin(angle)))[..., None]
+def rotation_log(rotations: torch.Tensor) -> torch.Tensor:
+    """[..., 3, 3] rotations -> [..., 3] float32 axis-angle vectors (radians); inverse of
+    Rodrigues. Finite for any input dtype (the identity gives zeros; bf16 inputs are computed
+    in float32); the axis loses accuracy as the angle approaches pi."""
+    with fp32(rotations):
+        r = rotations.float()
+        skew = torch.stack([r[..., 2, 1] - r[..., 1, 2], r[..., 0, 2] - r[..., 2, 0], r[..., 1, 0] - r[..., 0, 1]], -1)
+        sin = torch.linalg.vector_norm(skew, dim=-1) / 2
+        cos = (r.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+        angle = torch.atan2(sin, cos)
+        small = (sin < 1e-4) & (cos > 0)  # angle / (2 sin(angle)) -> 1/2 + angle^2 / 12 near the identity
+        scale = torch.where(small, 0.5 + angle.square() / 12, angle / (2 * sin.clamp(min=1e-4)))
+        return skew * scale[..., None]
 
 
 def load_crops(paths: list[Path], length: int) -> tuple[torch.Tensor, ...]:
@@ -96,11 +111,13 @@ class FrameFlow(nn.Module):
         node = self.encoder.embed_residues(aatype)
         node = node + self.embed(torch.cat([node, self.time_features(t, aatype.shape[1])], dim=-1))
         mask = torch.ones(aatype.shape, dtype=torch.bool)
-        s = self.encoder(node, translations, mask, rotations, residue_index=residue_index).s
-        omega, offset, pull = self.head(s).split([3, 3, 1], dim=-1)  # local axis-angle, local offset, scalar
-        centre = translations.mean(1, keepdim=True)
-        offset = NOISE_SCALE * torch.einsum("...ij,...j->...i", rotations, offset) + pull * (centre - translations)
-        return rotations @ axis_angle_to_matrix(omega), translations + offset
+        # noisy frames are this model's normal input: no C-alpha spacing check
+        s = self.encoder(node, translations, mask, rotations, residue_index=residue_index, check_ca_spacing=False).s
+        omega, offset, pull = self.head(s).float().split([3, 3, 1], dim=-1)  # local axis-angle, local offset, scalar
+        with fp32(s):
+            centre = translations.mean(1, keepdim=True)
+            offset = NOISE_SCALE * torch.einsum("...ij,...j->...i", rotations, offset) + pull * (centre - translations)
+            return rotations @ axis_angle_to_matrix(omega), translations + offset
 
 
 def flow_matching_loss(model, batch, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +128,9 @@ def flow_matching_loss(model, batch, generator=None) -> tuple[torch.Tensor, torc
     t = torch.rand(size, generator=generator)[:, None, None]
     rotations_0 = random_rotations((size, length), generator)
     translations_0 = NOISE_SCALE * torch.randn(size, length, 3, generator=generator)
-    translations_t = (1 - t) * translations_0 + t * translations_1
-    rotations_t = rotations_0 @ axis_angle_to_matrix(t * rotation_log(rotations_0.transpose(-1, -2) @ rotations_1))
+    with fp32(translations_0):
+        translations_t = (1 - t) * translations_0 + t * translations_1
+        rotations_t = rotations_0 @ axis_angle_to_matrix(t * rotation_log(rotations_0.transpose(-1, -2) @ rotations_1))
     rotations, translations = model(aatype, residue_index, rotations_t, translations_t, t[:, 0, 0])
 
     def error(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # chordal distance + positions in prior stds
@@ -133,10 +151,11 @@ def sample(model, aatype, residue_index, steps: int = 50, generator=None) -> tup
     for i in range(steps):
         clean_rotations, clean = model(aatype, residue_index, rotations, translations, torch.full((size,), i / steps))
         fraction = 1 / (steps - i)  # dt / (1 - t): the step towards the predicted clean frames
-        rotations = rotations @ axis_angle_to_matrix(
-            fraction * rotation_log(rotations.transpose(-1, -2) @ clean_rotations)
-        )
-        translations = translations + fraction * (clean - translations)
+        with fp32(translations):
+            rotations = rotations @ axis_angle_to_matrix(
+                fraction * rotation_log(rotations.transpose(-1, -2) @ clean_rotations)
+            )
+            translations = translations + fraction * (clean - translations)
     return rotations, translations
 
 
@@ -169,10 +188,8 @@ def train(export, structures, steps: int, *, length: int = 32, batch: int = 4, l
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train and sample a small frame flow-matching model.")
-    parser.add_argument("--export", default=str(ROOT / "checkpoints" / "bindrae-ipa-tiny"))
-    parser.add_argument(
-        "--structures", nargs="+", type=Path, default=sorted((ROOT / "tests" / "data" / "structures").glob("*.pdb.gz"))
-    )
+    parser.add_argument("--export", required=True, help="an export directory or Hub repository id")
+    parser.add_argument("--structures", nargs="+", type=Path, required=True, help="PDB or mmCIF files to train on")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -18,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from ..dtypes import parse_dtype
-from ..errors import FrozenModuleWarning, InputError
+from ..errors import FrozenModuleWarning, InputError, warn_at_caller
 from .format import read_header, read_weights, write_export, writing_export
 from .hub import push_export, resolve_export
 
@@ -28,12 +27,14 @@ T = TypeVar("T", bound="ExportMixin")
 class ExportMixin:
     """Adds the export methods to an ``nn.Module`` subclass with ``config`` / ``config_class``,
     and freezing: a frozen model (as ``from_pretrained`` returns it) stays in eval mode, without
-    gradients, even under its own or a parent's ``.train()``, until :meth:`unfreeze`."""
+    gradients, even under its own or a parent's ``.train()`` or ``.requires_grad_(True)``, until
+    :meth:`unfreeze`. A subclass calls :meth:`keep_frozen` at the start of its forward."""
 
     config_class: ClassVar[type]
     config: Any
     _frozen: bool = False
     _warned_frozen: bool = False
+    _warned_requires_grad: bool = False
 
     @property
     def is_frozen(self) -> bool:
@@ -60,15 +61,48 @@ class ExportMixin:
         if mode and self._frozen:
             if not self._warned_frozen:
                 self._warned_frozen = True
-                warnings.warn(
-                    f"{type(self).__name__} is frozen (loaded with from_pretrained): .train() keeps it in eval "
-                    "mode, dropout off and gradients off. To fine-tune it, call .unfreeze() first, or load it "
-                    "with from_pretrained(..., trainable=True)",
-                    FrozenModuleWarning,
-                    stacklevel=2,
+                warn_at_caller(
+                    FrozenModuleWarning(
+                        f"{type(self).__name__} is frozen (loaded with from_pretrained): .train() keeps it in eval "
+                        "mode, dropout off and gradients off. To fine-tune it, call .unfreeze() first, or load it "
+                        "with from_pretrained(..., trainable=True)"
+                    )
                 )
             mode = False
+            self.keep_frozen()
         return super().train(mode)  # type: ignore[misc]
+
+    def requires_grad_(self: T, requires_grad: bool = True) -> T:
+        """``nn.Module.requires_grad_``, except that a frozen model keeps its weights without
+        gradients (warning once): call :meth:`unfreeze` to train them."""
+        if requires_grad and self._frozen:
+            self._warn_requires_grad()
+            return self
+        return super().requires_grad_(requires_grad)  # type: ignore[misc]
+
+    def keep_frozen(self) -> None:
+        """While frozen, turn gradients back off on any parameter that a parent's
+        ``requires_grad_(True)`` (or a direct assignment) turned on, warning once. Runs in
+        :meth:`train` and the forward pass (plain eager mode; not while ``torch.compile`` traces
+        or inside ``torch.func`` transforms), so before any gradient reaches the weights."""
+        if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() or not self._frozen:
+            return  # (the flag read last: a compiled graph does not guard on it)
+        thawed = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        if thawed:
+            self._warn_requires_grad()
+            for p in thawed:
+                p.requires_grad_(False)
+
+    def _warn_requires_grad(self) -> None:
+        if not self._warned_requires_grad:
+            self._warned_requires_grad = True
+            warn_at_caller(
+                FrozenModuleWarning(
+                    f"{type(self).__name__} is frozen (loaded with from_pretrained): requires_grad_(True) on it or on "
+                    "a module holding it leaves its weights without gradients, so optimizers leave them unchanged. "
+                    "To fine-tune it, call .unfreeze() first, or load it with from_pretrained(..., trainable=True)"
+                )
+            )
 
     def save_pretrained(
         self,

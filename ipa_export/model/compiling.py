@@ -128,22 +128,32 @@ class CompiledEncoder(nn.Module):
         residue_index: torch.Tensor | None = None,
         chain_index: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        *,
+        neighbours: torch.Tensor | None = None,
+        sc_neighbours: torch.Tensor | None = None,
+        check_ca_spacing: bool = True,
     ) -> Any:
-        """As :meth:`IPAEncoder.forward <ipa_export.IPAEncoder.forward>`."""
+        """As :meth:`IPAEncoder.forward <ipa_export.IPAEncoder.forward>` (value checks, the
+        C-alpha spacing check among them, run only in eager mode)."""
         tensors = (node_embed, translations, node_mask, rotations, trans_sc, residue_index, chain_index)
+        fixed = {"neighbours": neighbours, "sc_neighbours": sc_neighbours}
         if torch.compiler.is_compiling():  # inside a caller's torch.compile: just trace the encoder
-            return self.encoder(*tensors, output_hidden_states)
+            return self.encoder(*tensors, output_hidden_states, **fixed)
+        self.encoder.keep_frozen()
         if trans_sc is None and isinstance(translations, torch.Tensor):
             tensors = (*tensors[:4], translations, *tensors[5:])
-        batches = {a.shape[0] for a in tensors if isinstance(a, torch.Tensor) and a.dim() > 0}
-        marked = mark_batch_dynamic(*tensors) if len(batches) == 1 else tensors
+            if neighbours is not None and sc_neighbours is None:
+                fixed["sc_neighbours"] = neighbours
+        everything = (*tensors, *fixed.values())
+        batches = {a.shape[0] for a in everything if isinstance(a, torch.Tensor) and a.dim() > 0}
+        marked = mark_batch_dynamic(*everything) if len(batches) == 1 else everything
         try:
             with _compile_scope():
-                return self._compiled(*marked, output_hidden_states)
+                return self._compiled(*marked[:7], output_hidden_states, **dict(zip(fixed, marked[7:], strict=True)))
         except torch._dynamo.exc.Unsupported:
             # Mostly the encoder rejecting its inputs while being traced: run it eagerly so that
             # its own error (TypeError, ValueError) is raised; if eager runs, re-raise.
-            self.encoder(*tensors, output_hidden_states)
+            self.encoder(*tensors, output_hidden_states, **fixed, check_ca_spacing=check_ca_spacing)
             raise
 
     def __getattr__(self, name: str) -> Any:

@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from ..config import EncoderConfig
+from ..errors import InputError
 from .frames import geometry_dtype
-from .knn import knn
+from .knn import knn, knn_indices, neighbour_distances
+from .validation import check_neighbours
 
 MAX_INDEX = 2056  # max_len of the sinusoidal index embedding
 CHAIN_GAP = 200  #: positions left free between consecutive chains of one protein
@@ -102,7 +104,9 @@ class EdgeEmbedder(nn.Module):
     Neighbours are searched among the valid residues of the same protein only, so a
     protein's factors do not depend on the rest of the batch. A protein with fewer than
     ``knn_k + 1`` residues leaves the missing neighbour slots empty (all-zero distogram
-    and index features). Padded positions of the output are exactly zero.
+    and index features). Padded positions of the output are exactly zero. Precomputed
+    neighbours (:meth:`neighbours`) replace the search: the factors are then a continuous
+    function of the coordinates (smooth but for the MLP's ReLUs with ``distance_features="rbf"``).
     """
 
     def __init__(self, config: EncoderConfig):
@@ -125,10 +129,25 @@ class EdgeEmbedder(nn.Module):
         self.linear_sc_distogram = nn.Linear(self.k * (bins + f), 2 * r * bins)
         self.edge_embedder = edge_mlp(config)  # flash_ipa's name for the MLP
 
-    def _neighbour_features(self, coords: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def neighbours(self, coords: torch.Tensor, node_mask: torch.Tensor) -> torch.Tensor:
+        """The neighbours the forward pass searches: coords [B, N, 3] (Angstrom), node_mask
+        [B, N] bool -> indices [B, N, knn_k] int64 of the nearest other valid residues, nearest
+        first, -1 for none (padded rows, short proteins). Piecewise constant: no gradient."""
+        if self.rank == 0:
+            raise InputError("neighbours: this encoder has no neighbour features (mode 'flash_no_bias')")
+        geometry = geometry_dtype(self.linear_s_p.weight.dtype)  # as the forward pass's search
+        coords = torch.where(node_mask[..., None], coords.detach().to(geometry), 0.0)
+        return knn_indices(coords, node_mask, self.k, tie_tolerance=self.tie_tolerance)
+
+    def _neighbour_features(
+        self, coords: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, indices: torch.Tensor | None
+    ) -> torch.Tensor:
         """[B, N, k * (num_bins + feat_dim)]: per neighbour, nearest first, its distance features
-        and the embedding of its position."""
-        distances, indices = knn(coords, mask, self.k, tie_tolerance=self.tie_tolerance)  # [B, N, k]
+        and the embedding of its position; the neighbours searched, or ``indices`` [B, N, k]."""
+        if indices is None:
+            distances, indices = knn(coords, mask, self.k, tie_tolerance=self.tie_tolerance)  # [B, N, k]
+        else:
+            distances = neighbour_distances(coords, indices)
         present = (indices >= 0)[..., None]
         neighbour_positions = positions.gather(1, indices.clamp(min=0).flatten(1)).view_as(indices)
         index_emb = index_embedding(neighbour_positions, self.feat_dim, dtype=coords.dtype) * present
@@ -147,11 +166,19 @@ class EdgeEmbedder(nn.Module):
         node_mask: torch.Tensor,
         trans_sc: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        *,
+        neighbours: torch.Tensor | None = None,
+        sc_neighbours: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """node_embed [B, N, c_s], translations and trans_sc [B, N, 3] (Angstrom; trans_sc
         defaults to translations), node_mask [B, N] bool, positions [B, N] int64 (see
-        :func:`residue_positions`; default the slots) -> z_f1, z_f2 [B, N, R, c_p]."""
+        :func:`residue_positions`; default the slots) -> z_f1, z_f2 [B, N, R, c_p].
+
+        ``neighbours`` [B, N, knn_k] int64 (from :meth:`neighbours`) replaces the search on
+        ``translations``; with ``trans_sc`` given, ``sc_neighbours`` must then replace the one
+        on ``trans_sc``."""
         batch, length, _ = node_embed.shape
+        neighbours, sc_neighbours = self._fixed_neighbours(node_mask, trans_sc, neighbours, sc_neighbours)
         if self.rank == 0:
             empty = node_embed.new_zeros(batch, length, 0, self.c_p)
             return empty, empty
@@ -159,12 +186,12 @@ class EdgeEmbedder(nn.Module):
             positions = torch.arange(length, device=node_embed.device).expand(batch, length)
         geometry = geometry_dtype(node_embed.dtype)
         translations = torch.where(node_mask[..., None], translations.to(geometry), 0.0)
-        t_features = self._neighbour_features(translations, node_mask, positions)
+        t_features = self._neighbour_features(translations, node_mask, positions, neighbours)
         if trans_sc is None:  # BINDRAE passes the C-alpha positions again: one kNN search serves both
             sc_features = t_features
         else:
             sc_t = torch.where(node_mask[..., None], trans_sc.to(geometry), 0.0)
-            sc_features = self._neighbour_features(sc_t, node_mask, positions)
+            sc_features = self._neighbour_features(sc_t, node_mask, positions, sc_neighbours)
         dtype, f = node_embed.dtype, self.feat_dim  # geometry in fp32 (fp64), the layers in the model's dtype
         features = torch.cat(
             [
@@ -177,3 +204,30 @@ class EdgeEmbedder(nn.Module):
         )  # [B, N, 2, R, 3 feat_dim + 2 num_bins]
         z = torch.where(node_mask[:, :, None, None, None], self.edge_embedder(features), 0.0)
         return z[:, :, 0], z[:, :, 1]
+
+    def _fixed_neighbours(
+        self,
+        node_mask: torch.Tensor,
+        trans_sc: torch.Tensor | None,
+        neighbours: torch.Tensor | None,
+        sc_neighbours: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``neighbours`` and ``sc_neighbours`` checked (see :func:`check_neighbours`), padded rows -1."""
+        if self.rank == 0 and (neighbours is not None or sc_neighbours is not None):
+            raise InputError("neighbours: this encoder has no neighbour features (mode 'flash_no_bias'); leave it None")
+        if sc_neighbours is not None and (neighbours is None or trans_sc is None):
+            raise InputError(
+                "sc_neighbours: the neighbours of trans_sc, used only with neighbours= and trans_sc=; "
+                "without trans_sc the side-chain features reuse neighbours"
+            )
+        if neighbours is None:
+            return None, None
+        if trans_sc is not None and sc_neighbours is None:
+            raise InputError(
+                "sc_neighbours: required with neighbours= when trans_sc is given (else trans_sc's neighbours would "
+                "still be searched); pass sc_neighbours=encoder.neighbours(trans_sc, node_mask)"
+            )
+        neighbours = check_neighbours("neighbours", neighbours, node_mask, self.k)
+        if sc_neighbours is not None:
+            sc_neighbours = check_neighbours("sc_neighbours", sc_neighbours, node_mask, self.k)
+        return neighbours, sc_neighbours

@@ -20,7 +20,14 @@ from .frames import Frames, identity_rotations, masked_mean
 from .pair_features import FactorizedPairEmbedder
 from .shapes import implied_config
 from .stack import FlashIPAStack
-from .validation import check_devices, check_indices, check_structure_inputs, warn_unusual_ca_spacing
+from .validation import (
+    Shapes,
+    check_devices,
+    check_indices,
+    check_structure_inputs,
+    checking_values,
+    warn_unusual_ca_spacing,
+)
 
 
 class EncoderOutput(NamedTuple):
@@ -95,6 +102,7 @@ class IPAEncoder(ExportMixin, nn.Module):
     """
 
     config_class = EncoderConfig
+    _warned_ca_spacing: bool = False
     #: the config fields tensor shapes determine (read by :func:`~ipa_export.export.format.read_header`)
     implied_config = staticmethod(implied_config)
 
@@ -158,8 +166,30 @@ class IPAEncoder(ExportMixin, nn.Module):
 
     def gradient_checkpointing_enable(self, enable: bool = True) -> None:
         """Recompute each IPA block's activations in the backward pass instead of storing them
-        (less memory for training through the encoder, one more block forward per step)."""
+        (less memory for training through the encoder, one more block forward per step).
+        Inside ``torch.func`` transforms the blocks run without recomputation (same results)."""
         self.ipa_stack.gradient_checkpointing = enable
+
+    def neighbours(self, translations: torch.Tensor, node_mask: torch.Tensor) -> torch.Tensor:
+        """The neighbours the forward pass would search: translations [B, N, 3] C-alpha
+        positions (Angstrom, or ``trans_sc``), node_mask [B, N] bool -> indices [B, N, knn_k]
+        int64 of the nearest other valid residues, nearest first, -1 for none.
+
+        Pass them back as ``forward(..., neighbours=...)`` to hold the neighbour graph fixed while
+        the coordinates move (guidance, sampling steps): see the README's "Inside a generative model"."""
+        shapes = Shapes()
+        shapes.check("translations", translations, ("B", "N", 3))
+        shapes.check("node_mask", node_mask, ("B", "N"), dtype="bool")
+        check_devices(self.device, translations=translations, node_mask=node_mask)
+        return self._neighbour_embedder().neighbours(translations, node_mask)
+
+    def _neighbour_embedder(self) -> EdgeEmbedder:
+        """The edge embedder, when it has neighbour features (mode ``flash_1d_bias``)."""
+        if self.config.mode != "flash_1d_bias":
+            raise InputError(
+                f"neighbours: only mode 'flash_1d_bias' has neighbour features, this encoder's is {self.config.mode!r}"
+            )
+        return self.edge_embedder  # type: ignore[return-value]
 
     def forward(
         self,
@@ -171,6 +201,10 @@ class IPAEncoder(ExportMixin, nn.Module):
         residue_index: torch.Tensor | None = None,
         chain_index: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        *,
+        neighbours: torch.Tensor | None = None,
+        sc_neighbours: torch.Tensor | None = None,
+        check_ca_spacing: bool = True,
     ) -> EncoderOutput | EncoderOutputWithHiddenStates:
         """node_embed [B, N, c_s] (any float dtype; cast to the parameters'); translations
         [B, N, 3] C-alpha positions (Angstrom); node_mask [B, N] bool; rotations [B, N, 3, 3]
@@ -178,6 +212,11 @@ class IPAEncoder(ExportMixin, nn.Module):
         int residue numbers (default the slots) and chain_index [B, N] int chain ids in
         [0, N) (default one chain) for the index features, see
         :func:`~ipa_export.model.edge_embedder.residue_positions`.
+
+        ``neighbours`` [B, N, knn_k] int64 (from :meth:`neighbours`) replaces the kNN search
+        (and ``sc_neighbours`` the one on ``trans_sc``, required when ``trans_sc`` is given).
+        ``check_ca_spacing=False`` skips the C-alpha spacing check (for noisy coordinates); it
+        otherwise warns (:class:`~ipa_export.CoordinateScaleWarning`) once per encoder.
 
         Runs with ``torch.autocast`` disabled: the encoder keeps its own dtype policy
         (parameters' dtype for the layers, fp32 geometry, ``config.attn_dtype`` attention).
@@ -188,7 +227,15 @@ class IPAEncoder(ExportMixin, nn.Module):
         )
         check_indices(node_mask, residue_index, chain_index)
         check_devices(weight.device, residue_index=residue_index, chain_index=chain_index)
-        warn_unusual_ca_spacing(node_mask, translations)
+        self.keep_frozen()
+        # eager only (checking_values first: a compiled graph must not guard on the flag)
+        if check_ca_spacing and checking_values() and not self._warned_ca_spacing:
+            self._warned_ca_spacing = warn_unusual_ca_spacing(node_mask, translations)  # once per encoder
+        fixed = {"neighbours": neighbours, "sc_neighbours": sc_neighbours}
+        if neighbours is None and sc_neighbours is None:
+            fixed = {}  # the search, in every mode
+        else:
+            self._neighbour_embedder()  # mode flash_1d_bias only
         dtype = weight.dtype
         device_type = node_embed.device.type
         # only inside an autocast region: an autocast context in a compiled graph bypasses AOTAutograd's cache
@@ -199,7 +246,7 @@ class IPAEncoder(ExportMixin, nn.Module):
                 rotations = identity_rotations(node_mask.shape, device=translations.device)
             positions = residue_positions(node_mask, residue_index, chain_index)
             backend = self.attention_backend(node_embed.device)
-            z_f1, z_f2 = self.edge_embedder(node_embed, translations, node_mask, trans_sc, positions)
+            z_f1, z_f2 = self.edge_embedder(node_embed, translations, node_mask, trans_sc, positions, **fixed)
             hidden: list[tuple[torch.Tensor, Frames]] | None = [] if output_hidden_states else None
             s, rigid = self.ipa_stack(
                 node_embed, Frames(rotations, translations), z_f1, z_f2, node_mask, backend, hidden

@@ -172,7 +172,14 @@ def knn(
     geometry dtype (float32, float64 for float64 coords), differentiable in ``coords``.
     """
     indices = knn_indices(coords.detach(), mask, k, chunk_size, tie_tolerance)
+    return neighbour_distances(coords, indices), indices
+
+
+def neighbour_distances(coords: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """:func:`pair_distances` [B, N, k] (Angstrom, in the geometry dtype) from coords [B, N, 3] to
+    the neighbours ``indices`` [B, N, k] int64 (-1: no neighbour, distance ``inf``);
+    differentiable in ``coords``."""
     coords = coords.to(geometry_dtype(coords.dtype))
     neighbours = coords.gather(1, indices.clamp(min=0).flatten(1)[..., None].expand(-1, -1, 3))
     distances = pair_distances(coords, neighbours.unflatten(1, indices.shape[1:]))
-    return torch.where(indices >= 0, distances, float("inf")), indices
+    return torch.where(indices >= 0, distances, float("inf"))

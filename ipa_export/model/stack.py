@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import EncoderConfig
 from . import frames
+from .attention import transforms_active
 from .frames import Frames
 from .ipa import InvariantPointAttention
 
@@ -111,7 +112,9 @@ class FlashIPAStack(nn.Module):
     """``depth`` IPA blocks sharing the same edge factors, then a final LayerNorm.
 
     With ``gradient_checkpointing = True`` each block's activations are recomputed in the
-    backward pass instead of stored (only while gradients are recorded)."""
+    backward pass instead of stored (only while gradients are recorded, and not inside
+    ``torch.func`` transforms or forward-mode AD, which do not support the saved-tensor hooks
+    that recomputation uses: there the blocks store their activations, with the same results)."""
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
@@ -136,7 +139,7 @@ class FlashIPAStack(nn.Module):
         padded output frames are the identity rotation and zero translation. A list passed
         as ``hidden_states`` receives each block's ``(s, frames)`` (s before the final norm)."""
         s, rigid, z_f1, z_f2 = ignore_padding(mask, s, rigid, z_f1, z_f2)
-        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled() and not transforms_active()
         for block in self.ipa_blocks:
             if recompute:
                 s, rigid = checkpoint(block, s, rigid, z_f1, z_f2, mask, backend, use_reentrant=False)

@@ -7,12 +7,11 @@ and run only in plain eager mode (:func:`checking_values`).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 
 import torch
 
-from ..errors import CoordinateScaleWarning, InputError, InputTypeError
+from ..errors import CoordinateScaleWarning, InputError, InputTypeError, warn_at_caller
 
 
 class Shapes:
@@ -126,6 +125,35 @@ def check_indices(node_mask: torch.Tensor, residue_index: object, chain_index: o
             )
 
 
+def check_neighbours(name: str, neighbours: object, node_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Precomputed neighbour indices: a [B, N, k] int64 tensor on the mask's device; at valid
+    residues each entry is -1 (no neighbour) or another valid residue of the same protein
+    (values checked in plain eager mode only). Returns it with padded rows set to -1."""
+    indices = Shapes(B=node_mask.shape[0], N=node_mask.shape[1]).check(name, neighbours, ("B", "N", k), dtype="int")
+    if indices.dtype != torch.long:
+        raise InputTypeError(f"{name}: expected int64 indices, got {indices.dtype} (use .long())")
+    check_devices(node_mask.device, **{name: indices})
+    length = node_mask.shape[1]
+    if checking_values():
+        rows = torch.arange(length, device=indices.device)[:, None]  # [N, 1]
+        target_valid = node_mask.gather(1, indices.clamp(0, length - 1).flatten(1)).view_as(indices)
+        problems = (
+            ((indices < -1) | (indices >= length), f"outside [-1, {length})"),
+            (indices == rows, "the residue itself"),
+            ((indices >= 0) & ~target_valid, "a padded residue (node_mask False)"),
+        )
+        for bad, what in problems:
+            bad = bad & node_mask[..., None]
+            if bad.any():
+                where = tuple(bad.nonzero()[0].tolist())
+                raise InputError(
+                    f"{name}: expected at valid residues the indices of other valid residues, or -1 for no "
+                    f"neighbour; got {indices[where].item()} ({what}) at (batch, residue, slot) {where}. "
+                    "Compute them with encoder.neighbours(coordinates, node_mask)"
+                )
+    return torch.where(node_mask[..., None], indices, -1)
+
+
 def checking_values() -> bool:
     """Whether data-dependent checks run: not while ``torch.compile`` traces, and not inside
     a ``torch.func`` transform (grad, jvp, vmap, ...), where branching on values is impossible."""
@@ -205,12 +233,14 @@ def check_rotations(node_mask: torch.Tensor, rotations: torch.Tensor | None, nam
             )
 
 
-def warn_unusual_ca_spacing(node_mask: torch.Tensor, translations: torch.Tensor) -> None:
-    """Eager-only: warn (:class:`~ipa_export.errors.CoordinateScaleWarning`) when the median
-    distance between consecutive valid C-alpha atoms [B, N, 3] of a protein is outside
-    :data:`CA_SPACING_RANGE`: coordinates in nanometres, or residues not in sequence order."""
+def warn_unusual_ca_spacing(node_mask: torch.Tensor, translations: torch.Tensor) -> bool:
+    """Eager-only: warn (:class:`~ipa_export.errors.CoordinateScaleWarning`, at the caller's line)
+    when the median distance between consecutive valid C-alpha atoms [B, N, 3] of a protein is
+    outside :data:`CA_SPACING_RANGE`: coordinates in nanometres, or residues not in sequence
+    order. The message does not depend on the values (they are in the warning's ``medians``).
+    Returns whether it warned."""
     if not checking_values() or node_mask.shape[1] < 2:
-        return
+        return False
     # Valid residues first, in sequence order; padding (and whatever it holds) after them.
     order = torch.argsort((~node_mask).to(torch.uint8), dim=1, stable=True)
     ca = torch.gather(translations.float(), 1, order[..., None].expand(-1, -1, 3))
@@ -218,21 +248,22 @@ def warn_unusual_ca_spacing(node_mask: torch.Tensor, translations: torch.Tensor)
     real = torch.arange(steps.shape[1], device=steps.device) < (node_mask.sum(1, keepdim=True) - 1)
     median = torch.where(real, steps, torch.nan).nanmedian(dim=1).values  # NaN: fewer than 2 residues
     low, high = CA_SPACING_RANGE
-    for odd, cause in (
-        (median < low, "Coordinates in nanometres? Multiply them by 10: the encoder expects Angstrom."),
-        (
-            median > high,
-            "Residues not in sequence order, or not C-alpha positions? Pass each chain's residues in "
-            "sequence order (mask out missing ones); coordinates must be in Angstrom.",
-        ),
-    ):
-        proteins = odd.nonzero().flatten().tolist()
-        if proteins:
-            values = ", ".join(f"{median[i].item():.2f}" for i in proteins[:5]) + (", ..." if len(proteins) > 5 else "")
-            warnings.warn(
-                f"translations: the median distance between consecutive valid C-alpha atoms is {values} Angstrom "
-                f"in protein(s) {proteins} (expected about 3.8, between {low} and {high}). {cause} "
-                "(Silence with warnings.simplefilter('ignore', ipa_export.CoordinateScaleWarning).)",
-                CoordinateScaleWarning,
-                stacklevel=2,
-            )
+    odd = (median < low) | (median > high)
+    if not odd.any():
+        return False
+    short = bool((median < low).any())
+    cause = (
+        f"below {low} Angstrom: coordinates in nanometres? Multiply them by 10, the encoder expects Angstrom"
+        if short
+        else f"above {high} Angstrom: residues not in sequence order, or not C-alpha positions? Pass each chain's "
+        "residues in sequence order (mask out missing ones), in Angstrom"
+    )
+    warn_at_caller(
+        CoordinateScaleWarning(
+            f"translations: the median distance between consecutive valid C-alpha atoms is {cause} (expected about "
+            "3.8). Warned once per encoder; the measured medians are in the warning's .medians. For noisy "
+            "coordinates (diffusion, flow matching) pass check_ca_spacing=False to the encoder's forward.",
+            {i: median[i].item() for i in odd.nonzero().flatten().tolist()},
+        )
+    )
+    return True
