@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -332,30 +332,46 @@ def write_manifest(out: Path, identity: Mapping[str, Any], sources: Sequence[Sou
 _END = object()
 
 
-def _background(items: Iterator[Any], size: int, stop: threading.Event) -> Iterator[Any]:
-    """Run the iterator ``items`` in a daemon thread, ``size`` items ahead of the consumer."""
+@contextmanager
+def _background(items: Iterator[Any], size: int) -> Iterator[Iterator[Any]]:
+    """Run the iterator ``items`` in a thread, ``size`` items ahead of the consumer. On exit (an
+    error, Ctrl-C) the thread is stopped and joined: it finishes the item in hand, so no parser
+    runs on while the interpreter shuts down."""
     buffer: queue.Queue[Any] = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     return
         except BaseException as err:  # surfaced in the consumer
-            buffer.put(err)
-        buffer.put(_END)
+            offer(err)
+            return
+        offer(_END)
 
-    threading.Thread(target=produce, name="ipa-export-parse", daemon=True).start()
-    while (item := buffer.get()) is not _END:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    def consume() -> Iterator[Any]:
+        while (item := buffer.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    thread = threading.Thread(target=produce, name="ipa-export-parse", daemon=True)
+    thread.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _run_local(
@@ -370,7 +386,6 @@ def _run_local(
     """Parse in a background thread, bucket, embed and write, in this process."""
     bucketer: LengthBucketer[tuple[Parsed, torch.Tensor]] = LengthBucketer(batching.max_tokens, batching.batch_size)
     meter = _Progress(len(sources), progress)
-    stop = threading.Event()
 
     def fail(failed: Failed) -> None:
         meter.errors += 1
@@ -381,25 +396,24 @@ def _run_local(
         output.write(records_table(rows, output.schema))
         meter.update(chains=len(rows), residues=sum(len(r["sequence"]) for r in rows))
 
-    parsed = _background(parse_sources(sources, done, batching), 4 * batching.batch_size, stop)
     try:
-        for item in parsed:
-            if item is FILE_DONE:
-                meter.update(files=1)
-            elif isinstance(item, Failed):
-                fail(item)
-            else:
-                try:
-                    embed = node_embeddings(encoder, item, node_source)
-                except ValueError as err:
-                    fail(Failed(item.source.given, item.backbone.chain, str(err), item.id))
-                    continue
-                for batch in bucketer.add((item, embed), len(item.backbone.sequence)):
-                    run(batch)
+        with _background(parse_sources(sources, done, batching), 4 * batching.batch_size) as parsed:
+            for item in parsed:
+                if item is FILE_DONE:
+                    meter.update(files=1)
+                elif isinstance(item, Failed):
+                    fail(item)
+                else:
+                    try:
+                        embed = node_embeddings(encoder, item, node_source)
+                    except ValueError as err:
+                        fail(Failed(item.source.given, item.backbone.chain, str(err), item.id))
+                        continue
+                    for batch in bucketer.add((item, embed), len(item.backbone.sequence)):
+                        run(batch)
         for batch in bucketer.flush():
             run(batch)
     finally:
-        stop.set()
         meter.close()
 
 
