@@ -395,3 +395,29 @@ def test_compiled_encoder_gives_the_eager_rows(tmp_path):
         for key in ("s", "rotations", "translations", "s_mean"):
             torch.testing.assert_close(record[key], eager[record["id"]][key], atol=1e-4, rtol=1e-4)
     assert len(eager) == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs attention='flash_attn' to fail, as it does without CUDA")
+def test_a_run_that_failed_before_any_shard_does_not_block_the_corrected_rerun(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "embed", SHIPPED, STRUCTURES / "1ahsA.pdb.gz", "--out", out, "--attention", "flash_attn")
+    assert code == 2 and "--attention flash_attn needs flash-attn installed" in err
+    code, _, err = run(capsys, "embed", SHIPPED, STRUCTURES / "1ahsA.pdb.gz", "--out", out)
+    assert code == 0, err
+    assert [r["id"] for r in load_embeddings(out)] == ["1ahsA_A"]
+
+
+def test_a_refused_resume_names_what_differs(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(capsys, "embed", SHIPPED, STRUCTURES / "1ahsA.pdb.gz", "--out", out)[0] == 0
+    code, _, err = run(
+        capsys, "embed", SHIPPED, STRUCTURES / "1ahsA.pdb.gz", "--out", out, "--attention", "dense", "--outputs", "s"
+    )
+    assert (
+        code == 2
+        and (
+            "holds embeddings of another run (different attention 'auto' there, 'dense' now; "
+            "outputs ['s', 'rotations', 'translations', 's_mean'] there, ['s'] now); pass --overwrite"
+        )
+        in err
+    )

@@ -226,6 +226,7 @@ def run_identity(
         "export": str(export),
         "weights_sha256": weights.hexdigest(),
         "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "config": encoder.config.to_dict(),  # to name the fields that differ from another run's
         "dtype": str(next(encoder.parameters()).dtype).removeprefix("torch."),
         "outputs": list(outputs),
         "node_embed": "residue_table" if node_embed is None else _node_embed_name(node_embed),
@@ -269,13 +270,13 @@ def prepare_output(
     differs += sorted(
         {k for p in shards for k in _IDENTITY_KEYS if (shard_identity(p) or {}).get(k) != identity[k]} - set(differs)
     )
-    if differs and not overwrite:
+    if differs and shards and not overwrite:
         raise FileExistsError(
-            f"--out: {out} holds embeddings of another run (different {', '.join(differs)}); "
+            f"--out: {out} holds embeddings of another run (different {_differences(differs, previous, identity)}); "
             "pass --overwrite to replace them, or a new --out directory"
         )
     recorded: dict[str, Any] = {}
-    if differs:
+    if differs:  # replaced with overwrite, or a run that published no shard: nothing of it is kept
         remove_files([*shards, run_file, out / ERRORS_FILE, out / MANIFEST_FILE])
         shards = []
     elif ours:  # resume: the manifest is rewritten when the run completes
@@ -295,6 +296,22 @@ def prepare_output(
         tmp.write_text(json.dumps({**identity, "inputs": inputs}, indent=2) + "\n")
     next_index = max((int(SHARD_PATTERN.fullmatch(p.name).group(1)) for p in shards), default=-1) + 1  # type: ignore[union-attr]
     return done, next_index
+
+
+def _differences(keys: Sequence[str], previous: Mapping[str, Any] | None, identity: Mapping[str, Any]) -> str:
+    """The ``keys`` of the run identity that differ, with their values where they are readable (the
+    config as the fields that differ); hashes by name."""
+    previous = previous or {}
+    parts = []
+    for key in keys:
+        if key == "config_sha256" and previous.get("config"):
+            then, now = previous["config"], identity["config"]
+            parts += [f"{k} {then.get(k)!r} there, {now[k]!r} now" for k in now if then.get(k) != now[k]]
+        elif key in ("dtype", "outputs", "node_embed") and key in previous:
+            parts.append(f"{key} {previous[key]!r} there, {identity[key]!r} now")
+        else:
+            parts.append(key)
+    return "; ".join(parts)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
