@@ -72,6 +72,10 @@ def in_flags(message: str, parser: argparse.ArgumentParser, command: str) -> str
             continue
         name = re.escape(action.dest)
         message = re.sub(rf"(?<![\w.-]){name}='([^']*)'", rf"{flag} \1", message)
+        message = re.sub(rf"(?<![\w.-]){name}=(N\b|\d[\w.+-]*|True\b)", rf"{flag} \1", message)
+        if action.nargs == 0:  # a switch: name=True is the bare flag
+            message = re.sub(rf"(?<![\w.-]){flag} True\b", flag, message)
+        message = re.sub(rf"(?<![\w.-]){name}(?= directory| location| FILE)", flag, message)
         message = re.sub(rf"^{name}:", f"{flag}:", message)
     return message
 
@@ -199,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", help="model dtype, e.g. float32, bfloat16")
     p.add_argument("--attention", help="attention backend override (dense, sdpa, flash_attn, auto)")
+    p.add_argument("--attn-dtype", help="attention dtype override: fp32, bf16 or fp16 (see the README's precision)")
     p.add_argument("--compile", action="store_true", help="run the encoder under torch.compile")
     p.add_argument("--overwrite", action="store_true", help="replace embeddings of another export/config in --out")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed chain or file (exit 1)")
@@ -375,7 +380,7 @@ def run_embed(args: argparse.Namespace) -> int:
             outputs=[o.strip() for o in args.outputs.split(",") if o.strip()], max_tokens=args.max_tokens,
             batch_size=args.batch_size, max_length=args.max_length, shard_size=args.shard_size,
             node_embed=args.node_embed, max_structure_bytes=args.max_structure_bytes, device=args.device,
-            dtype=args.dtype, attention=args.attention,
+            dtype=args.dtype, attention=args.attention, attn_dtype=args.attn_dtype,
             compile=args.compile, overwrite=args.overwrite, fail_fast=args.fail_fast, engine=args.engine,
             ray_address=args.ray_address, progress=False if args.quiet else None,
         )  # fmt: skip

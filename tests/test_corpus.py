@@ -380,9 +380,9 @@ def test_dtype_is_part_of_the_run_and_outputs_stay_float32(tmp_path, capsys):
     assert record["s"].dtype == torch.float32 and not torch.equal(record["s"], want["s"])
     assert (record["s"] - want["s"]).abs().mean() < 0.05  # bf16 layers, fp32 geometry
     code, _, err = run(capsys, "embed", SHIPPED, STRUCTURES / "3a4rA.pdb.gz", "--out", out)
-    assert code == 2 and "(different dtype)" in err
+    assert code == 2 and "(different dtype 'bfloat16' there, 'float32' now)" in err
     code, _, err = run(capsys, "embed", SHIPPED, STRUCTURES / "3a4rA.pdb.gz", "--out", out, "--dtype", "int8")
-    assert code == 2 and "--dtype: expected a floating dtype" in err
+    assert code == 2 and "--dtype: expected a floating torch.dtype or its name" in err
 
 
 @pytest.mark.slow
@@ -421,3 +421,15 @@ def test_a_refused_resume_names_what_differs(tmp_path, capsys):
         )
         in err
     )
+
+
+def test_dtype_names_and_attention_dtype_are_embed_options(tmp_path, capsys):
+    # The dtype names of from_pretrained (bf16, ...), and the attention dtype, recorded in the run.
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "embed", SHIPPED, STRUCTURES / "1ahsA.pdb.gz", "--out", out, "--dtype", "bf16",
+                       "--attn-dtype", "bf16")  # fmt: skip
+    assert code == 0, err
+    recorded = json.loads((out / "_run.json").read_text())
+    assert recorded["dtype"] == "bfloat16" and recorded["config"]["attn_dtype"] == "bf16"
+    (record,) = load_embeddings(out)
+    assert record["s"].dtype == torch.float32 and torch.isfinite(record["s"]).all()

@@ -91,6 +91,7 @@ def embed_corpus(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     attention: str | None = None,
+    attn_dtype: str | None = None,
     compile: bool = False,
     overwrite: bool = False,
     fail_fast: bool = False,
@@ -109,7 +110,7 @@ def embed_corpus(
     refused unless ``overwrite=True``, which removes only files this package wrote. One run at a
     time writes ``out`` (a lock held for the whole run). A structure past
     ``max_structure_bytes`` of text (after decompression) is an error record. ``device``,
-    ``dtype``, ``attention`` and ``compile`` are passed to
+    ``dtype``, ``attention``, ``attn_dtype`` (e.g. ``"bf16"``) and ``compile`` are passed to
     ``IPAEncoder.from_pretrained``. Batches hold at most ``batch_size`` chains and
     ``max_tokens`` padded residues (a longer chain goes alone). ``progress``: a bar (True), log
     lines every 30 s (False), or a bar on a terminal only (None). ``engine="ray"`` runs on Ray,
@@ -123,23 +124,24 @@ def embed_corpus(
     started = time.perf_counter()
     outputs = _check_options(outputs, max_tokens, batch_size, max_length, shard_size, engine)
     if not isinstance(max_structure_bytes, int) or max_structure_bytes < 1:
-        raise InputError(f"--max-structure-bytes: expected a positive integer, got {max_structure_bytes!r}")
+        raise InputError(f"max_structure_bytes: expected a positive integer, got {max_structure_bytes!r}")
     sources = collect_sources(inputs, manifest, chain)
-    where = Location(out, "--out")
+    where = Location(out, "out")
     remote = _remote_out(where, engine)
     out = where.local if remote is None else remote.staging
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {out} exists and is not a directory; expected a new or embeddings directory")
+        raise InputError(f"out: {out} exists and is not a directory; expected a new or embeddings directory")
     node_source = open_node_embed(node_embed) if node_embed is not None else None
-    load = dict(device=device, dtype=_dtype(dtype), attention=attention, compile=compile)
+    load = dict(device=device, dtype=dtype, attention=attention, attn_dtype=attn_dtype, compile=compile)
     from ..model.encoder import IPAEncoder
 
     encoder = IPAEncoder.from_pretrained(export, **load)  # type: ignore[arg-type]
     if node_source is None and not encoder.config.num_residue_types:
         raise InputError(
-            "--node-embed: required, because this export has no residue-type embedding table "
+            "node_embed: required, because this export has no residue-type embedding table "
             "(config.num_residue_types is 0); pass per-chain embeddings keyed by record id (e.g. ESM-2 + adapter), "
-            "or convert the checkpoint with --residue-embedding-seed SEED (an untrained table, for demos)"
+            "or convert the checkpoint with `ipa-export convert --residue-embedding-seed SEED` (an untrained "
+            "table, for demos)"
         )
     identity = run_identity(export, encoder, outputs, node_embed)
     config = encoder.config
@@ -156,9 +158,9 @@ def embed_corpus(
                 from .ray_engine import PARTITION_FILES, RayJob, for_workers, run_ray, worker_sources
 
                 del encoder
-                embeds = None if node_embed is None else for_workers(node_embed, "--node-embed")
+                embeds = None if node_embed is None else for_workers(node_embed, "node_embed")
                 job = RayJob(for_workers(export, "export"), tuple(load.items()), embeds,
-                             for_workers(where.url, "--out"), schema, batching, _run_local)  # fmt: skip
+                             for_workers(where.url, "out"), schema, batching, _run_local)  # fmt: skip
                 run_ray(job, worker_sources(sources), done, output, ray_address, min(shard_size, PARTITION_FILES))
             else:
                 _run_local(encoder, sources, done, output, node_source, batching, progress)
@@ -177,7 +179,7 @@ def _remote_out(where: Location, engine: str) -> Any:
         return None
     if engine != "ray":
         raise InputError(
-            f"--out: {where}: an object-store output is written by Ray workers: pass --engine ray "
+            f"out: {where}: an object-store output is written by Ray workers: pass engine='ray' "
             "(a local instance is fine), or write to a local directory"
         )
     from .ray_engine import RemoteOut
@@ -191,24 +193,15 @@ def _check_options(
     outputs = tuple(dict.fromkeys(outputs))
     unknown = [o for o in outputs if o not in TENSOR_COLUMNS]
     if unknown or not outputs:
-        raise InputError(f"--outputs: unknown {unknown or 'empty list'}; choose from {list(TENSOR_COLUMNS)}")
-    for name, value in (("--max-tokens", max_tokens), ("--batch-size", batch_size), ("--shard-size", shard_size)):
+        raise InputError(f"outputs: unknown {unknown or 'empty list'}; choose from {list(TENSOR_COLUMNS)}")
+    for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size), ("shard_size", shard_size)):
         if not isinstance(value, int) or value < 1:
             raise InputError(f"{name}: expected a positive integer, got {value!r}")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-        raise InputError(f"--max-length: expected a positive integer, got {max_length!r}")
+        raise InputError(f"max_length: expected a positive integer, got {max_length!r}")
     if engine not in ("local", "ray"):
-        raise InputError(f"--engine: expected 'local' or 'ray', got {engine!r}")
+        raise InputError(f"engine: expected 'local' or 'ray', got {engine!r}")
     return tuple(o for o in TENSOR_COLUMNS if o in outputs)
-
-
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype), None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise InputError(f"--dtype: expected a floating dtype such as float32, bfloat16, float64; got {dtype!r}")
-    return value
 
 
 def run_identity(
@@ -235,7 +228,7 @@ def run_identity(
 
 
 def _node_embed_name(node_embed: str | os.PathLike) -> str:
-    where = Location(node_embed, "--node-embed")
+    where = Location(node_embed, "node_embed")
     return str(where.local.resolve()) if where.local is not None else where.url
 
 
@@ -263,7 +256,7 @@ def prepare_output(
         foreign.append(MANIFEST_FILE)
     if foreign:
         raise FileExistsError(
-            f"--out: {out} holds files this package did not write ({', '.join(foreign[:5])}); "
+            f"out: {out} holds files this package did not write ({', '.join(foreign[:5])}); "
             "pass a new or empty directory"
         )
     differs = [k for k in _IDENTITY_KEYS if previous is not None and previous.get(k) != identity[k]]
@@ -272,8 +265,8 @@ def prepare_output(
     )
     if differs and shards and not overwrite:
         raise FileExistsError(
-            f"--out: {out} holds embeddings of another run (different {_differences(differs, previous, identity)}); "
-            "pass --overwrite to replace them, or a new --out directory"
+            f"out: {out} holds embeddings of another run (different {_differences(differs, previous, identity)}); "
+            "pass overwrite=True to replace them, or a new out directory"
         )
     recorded: dict[str, Any] = {}
     if differs:  # replaced with overwrite, or a run that published no shard: nothing of it is kept

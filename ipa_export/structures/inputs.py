@@ -78,9 +78,9 @@ def collect_sources(
         else:
             raise FileNotFoundError(f"inputs: {item}: {_not_a_file(path)}")
     if manifest is not None:
-        sources += _read_manifest(Location(manifest, "--manifest"), chain)
+        sources += _read_manifest(Location(manifest, "manifest"), chain)
     if not sources:
-        raise InputError("inputs: no structure given; pass structure files, directories or --manifest FILE")
+        raise InputError("inputs: no structure given; pass structure files, directories or a manifest FILE")
     _check_unique(sources)
     return sources
 
@@ -131,19 +131,19 @@ def _not_a_file(path: Path) -> str:
 
 def _read_manifest(manifest: Location, chain: str | None) -> list[Source]:
     if not manifest.is_file():
-        raise FileNotFoundError(f"--manifest: {manifest}: no such file")
+        raise FileNotFoundError(f"manifest: {manifest}: no such file")
     if manifest.size() > MAX_MANIFEST_BYTES:
-        raise InputError(f"--manifest: {manifest} is larger than {MAX_MANIFEST_BYTES:,} bytes; expected a path list")
+        raise InputError(f"manifest: {manifest} is larger than {MAX_MANIFEST_BYTES:,} bytes; expected a path list")
     sources, missing = [], []
     for number, line in enumerate(manifest.read_bytes().decode("utf-8").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.rstrip("\r\n").split("\t")
         if len(fields) > 2 or not fields[0].strip():
-            raise InputError(f"--manifest: {manifest}:{number}: expected 'PATH' or 'PATH<TAB>CHAIN', got {line!r}")
+            raise InputError(f"manifest: {manifest}:{number}: expected 'PATH' or 'PATH<TAB>CHAIN', got {line!r}")
         given = fields[0].strip()
         absolute = is_url(given) or Path(given).is_absolute()
-        path = Location(given, "--manifest") if absolute else manifest.parent / given
+        path = Location(given, "manifest") if absolute else manifest.parent / given
         if not path.is_file():
             why = _not_a_file(path.local) if path.local is not None else "no such file"
             missing.append(f"{manifest}:{number}: {given} ({why})")
@@ -151,7 +151,7 @@ def _read_manifest(manifest: Location, chain: str | None) -> list[Source]:
         sources.append(Source(path.url if path.local is None else path.local, given, line_chain or None))
     if missing:
         raise FileNotFoundError(
-            f"--manifest: {len(missing)} listed file(s) not found (relative paths are read from the manifest's "
+            f"manifest: {len(missing)} listed file(s) not found (relative paths are read from the manifest's "
             f"directory): " + "; ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
         )
     return sources

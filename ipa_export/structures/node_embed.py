@@ -32,10 +32,10 @@ class NodeEmbedSource:
     def get(self, record_id: str, length: int, c_s: int) -> torch.Tensor:
         tensor = self._lookup(record_id)
         if tensor is None:
-            raise InputError(f"--node-embed: {self.path} has no node embeddings for record {record_id!r}")
+            raise InputError(f"node_embed: {self.path} has no node embeddings for record {record_id!r}")
         if tuple(tensor.shape) != (length, c_s) or not tensor.is_floating_point():
             raise InputError(
-                f"--node-embed: record {record_id!r}: expected a float tensor of shape [L={length}, c_s={c_s}] "
+                f"node_embed: record {record_id!r}: expected a float tensor of shape [L={length}, c_s={c_s}] "
                 f"(L = residues read from the structure), got {tensor.dtype} {list(tensor.shape)}"
             )
         return tensor.float()
@@ -54,7 +54,7 @@ class _Directory(NodeEmbedSource):
             tensor = tensors.get("node_embed", next(iter(tensors.values())) if len(tensors) == 1 else None)
             if tensor is None:
                 raise InputError(
-                    f"--node-embed: {path} holds {sorted(tensors)}; expected one tensor or one named 'node_embed'"
+                    f"node_embed: {path} holds {sorted(tensors)}; expected one tensor or one named 'node_embed'"
                 )
             return tensor
         path = self.path / f"{record_id}.pt"
@@ -62,9 +62,9 @@ class _Directory(NodeEmbedSource):
             try:
                 tensor = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
             except Exception as err:  # not a torch file, or it needs arbitrary unpickling
-                raise InputError(f"--node-embed: {path}: not a tensor file readable with weights_only=True") from err
+                raise InputError(f"node_embed: {path}: not a tensor file readable with weights_only=True") from err
             if not isinstance(tensor, torch.Tensor):
-                raise InputError(f"--node-embed: {path} holds a {type(tensor).__name__}, expected a tensor [L, c_s]")
+                raise InputError(f"node_embed: {path} holds a {type(tensor).__name__}, expected a tensor [L, c_s]")
             return tensor
         return None
 
@@ -83,7 +83,7 @@ class _Safetensors(NodeEmbedSource):
                 self._file = load(path.read_bytes())
                 self._keys = set(self._file)
         except Exception as err:
-            raise InputError(f"--node-embed: {path}: not a readable safetensors file ({err})") from err
+            raise InputError(f"node_embed: {path}: not a readable safetensors file ({err})") from err
 
     def _lookup(self, record_id: str) -> torch.Tensor | None:
         if record_id not in self._keys:
@@ -101,10 +101,10 @@ class _Parquet(NodeEmbedSource):
         try:
             self._file = pq.ParquetFile(path.local if path.local is not None else path.open("rb"))
         except Exception as err:
-            raise InputError(f"--node-embed: {path}: not a readable Parquet file ({err})") from err
+            raise InputError(f"node_embed: {path}: not a readable Parquet file ({err})") from err
         names = set(self._file.schema_arrow.names)
         if not {"id", "node_embed"} <= names:
-            raise InputError(f"--node-embed: {path} has columns {sorted(names)}; expected 'id' and 'node_embed'")
+            raise InputError(f"node_embed: {path} has columns {sorted(names)}; expected 'id' and 'node_embed'")
         self._where: dict[str, tuple[int, int]] = {}
         for group in range(self._file.num_row_groups):
             ids = self._file.read_row_group(group, columns=["id"]).column("id").to_pylist()
@@ -123,18 +123,18 @@ class _Parquet(NodeEmbedSource):
 
 def open_node_embed(path: str | os.PathLike) -> NodeEmbedSource:
     """Open ``--node-embed PATH`` (see the module docstring); ValueError for anything else."""
-    where = Location(path, "--node-embed")
+    where = Location(path, "node_embed")
     if where.is_dir():
         return _Directory(where)
     if not where.is_file():
-        raise FileNotFoundError(f"--node-embed: {where}: no such file or directory")
+        raise FileNotFoundError(f"node_embed: {where}: no such file or directory")
     suffix = "." + where.name.rsplit(".", 1)[-1] if "." in where.name else ""
     if suffix == ".safetensors":
         return _Safetensors(where)
     if suffix == ".parquet":
         return _Parquet(where)
     raise InputError(
-        f"--node-embed: {where}: unsupported format {suffix or '(no suffix)'!r}; expected a directory of "
+        f"node_embed: {where}: unsupported format {suffix or '(no suffix)'!r}; expected a directory of "
         "<record id>.safetensors / .pt files, or one .safetensors or .parquet file keyed by record id "
         "(convert NumPy arrays with safetensors.numpy.save_file({'<record id>': array}, 'embeds.safetensors'))"
     )

@@ -122,7 +122,7 @@ def parse_sources(sources: Sequence[Source], done: Mapping[str, str], batching: 
                 continue
             length = len(backbone.sequence)
             if max_length is not None and length > max_length:
-                yield Failed(source.given, backbone.chain, f"{length} residues, past --max-length {max_length}", rid)
+                yield Failed(source.given, backbone.chain, f"{length} residues, past max_length={max_length}", rid)
             else:
                 yield Parsed(rid, source, backbone)
         yield FILE_DONE
@@ -181,7 +181,7 @@ def node_embeddings(encoder: Any, item: Parsed, source: NodeEmbedSource | None) 
 def _taken(rid: str, other: str) -> str:
     return (
         f"record id {rid!r} is already taken by {other}; ids are <file stem>_<chain>: rename one of the files "
-        "(or list it in a --manifest with a chain column)"
+        "(or list it in a manifest with a chain column)"
     )
 
 

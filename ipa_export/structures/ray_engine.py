@@ -61,7 +61,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError as err:
-        raise MissingDependencyError("--engine ray needs Ray: pip install 'ipa-export[ray]'") from err
+        raise MissingDependencyError("engine='ray' needs Ray: pip install 'ipa-export[ray]'") from err
     return ray
 
 
@@ -142,7 +142,7 @@ def embed_partition(job: RayJob, partition: Partition) -> bytes:
     """Parse, embed and write one partition's shard (published whole, or not at all); return
     the summary as JSON bytes: ``shard``, ``rows``, ``residues``, ``failures`` (records)."""
     encoder, node_source = _loaded(job.export, job.load, job.node_embed)
-    out = Location(job.out, "--out")
+    out = Location(job.out, "out")
     failures = _Failures()
     summary = EmbedSummary(out=job.out)
     with tempfile.TemporaryDirectory(prefix="ipa-export-shard-") as tmp:
@@ -216,7 +216,7 @@ def run_ray(
         resources = ray.cluster_resources()
         slots = max(1, int(resources.get("GPU", 0) if gpu else resources.get("CPU", 1)))
         task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=3)(embed_partition)
-        todo = _to_run(partitions(sources, files_per_partition), Location(job.out, "--out"), done)
+        todo = _to_run(partitions(sources, files_per_partition), Location(job.out, "out"), done)
         log.info("%d partitions to embed on %d worker slots", len(todo), slots)
         job_ref = ray.put(job)
         in_flight: dict[Any, Partition] = {}
@@ -232,7 +232,7 @@ def run_ray(
                 except ray.exceptions.RayError as err:
                     first = part.sources[0].given
                     raise ClusterError(
-                        f"--engine ray: partition {part.index} ({len(part.sources)} files from {first}) failed on "
+                        f"engine='ray': partition {part.index} ({len(part.sources)} files from {first}) failed on "
                         f"the cluster after Ray's retries: {err}. Complete shards are kept: re-run the same "
                         "command to resume"
                     ) from err
@@ -296,22 +296,22 @@ class RemoteOut:
         foreign += [ERRORS_FILE] if ERRORS_FILE in names and previous is None else []
         if foreign:
             raise FileExistsError(
-                f"--out: {self.where} holds files this package did not write ({', '.join(foreign[:5])}); "
+                f"out: {self.where} holds files this package did not write ({', '.join(foreign[:5])}); "
                 "pass a new or empty location"
             )
         runs = [i for i in (previous, *identities.values()) if i is not None]
         differs = sorted({k for run in runs for k in keys if run.get(k) != identity[k]})
         if differs and not overwrite:
             raise FileExistsError(
-                f"--out: {self.where} holds embeddings of another run (different {', '.join(differs)}); "
-                "pass --overwrite to replace them, or a new --out location"
+                f"out: {self.where} holds embeddings of another run (different {', '.join(differs)}); "
+                "pass overwrite=True to replace them, or a new --out location"
             )
         recorded = {} if differs or previous is None else previous.get("inputs") or {}
         current = {s.given: fingerprint(s.path, s.given) for s in sources}
         if changed := changed_inputs(recorded, current.values()):
             raise FileExistsError(
-                f"--out: {self.where}: {len(changed)} input(s) changed since they were embedded "
-                f"({', '.join(changed[:5])}); pass --overwrite to embed everything again, or a new --out location"
+                f"out: {self.where}: {len(changed)} input(s) changed since they were embedded "
+                f"({', '.join(changed[:5])}); pass overwrite=True to embed everything again, or a new --out location"
             )
         for name in [*shards, RUN_FILE, ERRORS_FILE, MANIFEST_FILE] if differs else [MANIFEST_FILE]:
             (self.where / name).remove()

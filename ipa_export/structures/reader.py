@@ -194,7 +194,7 @@ def _structure_bytes(path: Path, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise InputError(
             f"{path}: more than {max_bytes:,} bytes of structure text{' once decompressed' if compressed else ''} "
-            "(the cap on one structure); raise it with --max-structure-bytes (embed_corpus(max_structure_bytes=...))"
+            "(the cap on one structure); raise it with --max-structure-bytes (embed_corpus: max_structure_bytes)"
         )
     return data
 

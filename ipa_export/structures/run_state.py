@@ -48,7 +48,8 @@ def output_lock(out: Path) -> Iterator[None]:
                 pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 created_file = created_dir = False
                 raise FileExistsError(
-                    f"--out: another embed is writing {out} (pid {pid}); wait for it to finish, or choose another --out"
+                    f"out: another embed is writing {out} (pid {pid}); wait for it to finish, or write to another "
+                    "directory"
                 ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
