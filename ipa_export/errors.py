@@ -72,6 +72,11 @@ class CheckFailedError(IPAExportError, RuntimeError):
     """A self-check failed (e.g. conversion parity): the result is not to be trusted."""
 
 
+class EmbedFailure(IPAExportError, RuntimeError):
+    """A chain or file failed in ``embed_corpus(..., fail_fast=True)``; complete shards written so
+    far are kept."""
+
+
 class FrozenModuleWarning(UserWarning):
     """``.train()`` on a frozen module (as ``from_pretrained`` returns it): it stays in eval mode."""
 

@@ -18,6 +18,7 @@ import torch
 
 from ..dtypes import parse_dtype
 from ..errors import FrozenModuleWarning, InputError, warn_at_caller
+from ..execution import inspecting_values
 from .format import read_header, read_weights, write_export, writing_export
 from .hub import push_export, resolve_export
 
@@ -85,7 +86,7 @@ class ExportMixin:
         ``requires_grad_(True)`` (or a direct assignment) turned on, warning once. Runs in
         :meth:`train` and the forward pass (plain eager mode; not while ``torch.compile`` traces
         or inside ``torch.func`` transforms), so before any gradient reaches the weights."""
-        if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() or not self._frozen:
+        if not inspecting_values() or not self._frozen:
             return  # (the flag read last: a compiled graph does not guard on it)
         thawed = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
         if thawed:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..config import EncoderConfig
 from ..errors import InputError, UnsupportedError
+from ..execution import transforms_active
 
 try:  # optional CUDA extra
     from flash_attn import flash_attn_with_kvcache
@@ -38,17 +39,9 @@ def flash_attn_available() -> bool:
     return flash_attn_with_kvcache is not None
 
 
-def transforms_active() -> bool:
-    """Whether a ``torch.func`` transform (grad, jvp, vmap, jacrev, ...) or forward-mode AD
-    (``torch.autograd.forward_ad.dual_level``) is active. Never inside ``torch.compile``."""
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd.forward_ad._current_level >= 0
-
-
 def resolve_backend(backend: str, device: torch.device, attn_dtype: str, needs_grad: bool) -> str:
     """The backend that ``backend`` means for this device, dtype and grad mode. Under
-    :func:`transforms_active`, ``auto`` and ``sdpa`` mean ``dense``: the fused kernels have no
+    :func:`~ipa_export.execution.transforms_active`, ``auto`` and ``sdpa`` mean ``dense``: the fused kernels have no
     forward-mode derivative, batching rule or double backward, the plain ops all of them."""
     if backend in ("auto", "sdpa") and transforms_active():
         return "dense"

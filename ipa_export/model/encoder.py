@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import EncoderConfig
 from ..errors import InputError
+from ..execution import inspecting_values
 from ..export.compile_cache import load_export_compile_cache
 from ..export.pretrained import ExportMixin
 from .attention import backend_for
@@ -25,7 +26,6 @@ from .validation import (
     check_devices,
     check_indices,
     check_structure_inputs,
-    checking_values,
     warn_unusual_ca_spacing,
 )
 
@@ -228,8 +228,8 @@ class IPAEncoder(ExportMixin, nn.Module):
         check_indices(node_mask, residue_index, chain_index)
         check_devices(weight.device, residue_index=residue_index, chain_index=chain_index)
         self.keep_frozen()
-        # eager only (checking_values first: a compiled graph must not guard on the flag)
-        if check_ca_spacing and checking_values() and not self._warned_ca_spacing:
+        # eager only (inspecting_values first: a compiled graph must not guard on the flag)
+        if check_ca_spacing and inspecting_values() and not self._warned_ca_spacing:
             self._warned_ca_spacing = warn_unusual_ca_spacing(node_mask, translations)  # once per encoder
         fixed = {"neighbours": neighbours, "sc_neighbours": sc_neighbours}
         if neighbours is None and sc_neighbours is None:

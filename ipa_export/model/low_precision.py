@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attend, concat_padded, head_limited, head_sizes, padded_value_width, transforms_active
+from ..execution import transforms_active
+from .attention import attend, concat_padded, head_limited, head_sizes, padded_value_width
 from .frames import masked_mean
 
 BLOCK = 64  #: queries per block (one anchor, its own keys and values)

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import EncoderConfig
+from ..execution import transforms_active
 from . import frames
-from .attention import transforms_active
 from .frames import Frames
 from .ipa import InvariantPointAttention
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import CoordinateScaleWarning, InputError, InputTypeError, warn_at_caller
+from ..execution import inspecting_values
 
 
 class Shapes:
@@ -115,7 +116,7 @@ def check_indices(node_mask: torch.Tensor, residue_index: object, chain_index: o
     if chain_index is None:
         return
     chain = shapes.check("chain_index", chain_index, ("B", "N"), dtype="int")
-    if checking_values():
+    if inspecting_values():
         bad = ((chain < 0) | (chain >= chain.shape[1])) & node_mask
         if bad.any():
             where = tuple(bad.nonzero()[0].tolist())
@@ -134,7 +135,7 @@ def check_neighbours(name: str, neighbours: object, node_mask: torch.Tensor, k: 
         raise InputTypeError(f"{name}: expected int64 indices, got {indices.dtype} (use .long())")
     check_devices(node_mask.device, **{name: indices})
     length = node_mask.shape[1]
-    if checking_values():
+    if inspecting_values():
         rows = torch.arange(length, device=indices.device)[:, None]  # [N, 1]
         target_valid = node_mask.gather(1, indices.clamp(0, length - 1).flatten(1)).view_as(indices)
         problems = (
@@ -154,14 +155,6 @@ def check_neighbours(name: str, neighbours: object, node_mask: torch.Tensor, k: 
     return torch.where(node_mask[..., None], indices, -1)
 
 
-def checking_values() -> bool:
-    """Whether data-dependent checks run: not while ``torch.compile`` traces, and not inside
-    a ``torch.func`` transform (grad, jvp, vmap, ...), where branching on values is impossible."""
-    if torch.compiler.is_compiling():
-        return False
-    return torch._C._functorch.peek_interpreter_stack() is None
-
-
 def check_not_empty(node_mask: torch.Tensor) -> None:
     """Every batch element must have at least one residue."""
     batch, length = node_mask.shape
@@ -177,7 +170,7 @@ VALUE_BOUNDS = {"translations": 1e5, "trans_sc": 1e5, "frames.translations": 1e5
 def check_values(node_mask: torch.Tensor, **coordinates: torch.Tensor | None) -> None:
     """Eager-only checks: each protein has a valid residue; values are finite (and within
     :data:`VALUE_BOUNDS`) at valid residues."""
-    if not checking_values():
+    if not inspecting_values():
         return
     empty = (~node_mask.any(dim=1)).nonzero().flatten().tolist()
     if empty:
@@ -211,7 +204,7 @@ ORTHONORMAL_ATOL = 1e-3
 def check_rotations(node_mask: torch.Tensor, rotations: torch.Tensor | None, name: str = "rotations") -> None:
     """Eager-only: rotations [B, N, 3, 3] are proper rotations (orthonormal within
     :data:`ORTHONORMAL_ATOL`, determinant +1) at valid residues."""
-    if rotations is None or not checking_values():
+    if rotations is None or not inspecting_values():
         return
     r = rotations if rotations.dtype == torch.float64 else rotations.float()
     atol = max(ORTHONORMAL_ATOL, 16 * torch.finfo(rotations.dtype).eps)
@@ -239,7 +232,7 @@ def warn_unusual_ca_spacing(node_mask: torch.Tensor, translations: torch.Tensor)
     outside :data:`CA_SPACING_RANGE`: coordinates in nanometres, or residues not in sequence
     order. The message does not depend on the values (they are in the warning's ``medians``).
     Returns whether it warned."""
-    if not checking_values() or node_mask.shape[1] < 2:
+    if not inspecting_values() or node_mask.shape[1] < 2:
         return False
     # Valid residues first, in sequence order; padding (and whatever it holds) after them.
     order = torch.argsort((~node_mask).to(torch.uint8), dim=1, stable=True)

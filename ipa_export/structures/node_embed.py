@@ -20,8 +20,6 @@ from .storage import Location
 
 __all__ = ["NodeEmbedSource", "open_node_embed"]
 
-_SUFFIXES = (".safetensors", ".parquet")
-
 
 class NodeEmbedSource:
     """``get(record_id, length, c_s)`` -> [length, c_s] float32, or ValueError naming the record."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..errors import IPAExportError
+from ..errors import EmbedFailure
 from ..model import frames
 from ..model.validation import check_structure_inputs
 from .inputs import Source, record_id
@@ -32,10 +32,6 @@ __all__ = [
     "node_embeddings",
     "parse_sources",
 ]
-
-
-class EmbedFailure(IPAExportError, RuntimeError):
-    """A chain or file failed with ``fail_fast=True``; complete shards written so far are kept."""
 
 
 @dataclass
