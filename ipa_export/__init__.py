@@ -21,7 +21,12 @@ if TYPE_CHECKING:
         create_flashipa_module,
     )
     from .config import EncoderConfig
-    from .errors import ConfigCompatibilityError, CoordinateScaleWarning, FrozenModuleWarning
+    from .errors import (
+        ConfigCompatibilityError,
+        CoordinatePrecisionWarning,
+        CoordinateScaleWarning,
+        FrozenModuleWarning,
+    )
     from .model.edge_embedder import EdgeEmbedder
     from .model.encoder import EncoderOutput, EncoderOutputWithHiddenStates, HiddenStates, IPAEncoder
     from .model.frames import Frames
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
 #: public name -> the module that defines it
 _EXPORTS = {
     "ConfigCompatibilityError": ".errors",
+    "CoordinatePrecisionWarning": ".errors",
     "CoordinateScaleWarning": ".errors",
     "EdgeEmbedder": ".model.edge_embedder",
     "EdgeEmbedderAdapter": ".bindrae.adapter",
@@ -55,6 +61,7 @@ _EXPORTS = {
 
 __all__ = [
     "ConfigCompatibilityError",
+    "CoordinatePrecisionWarning",
     "CoordinateScaleWarning",
     "EdgeEmbedder",
     "EdgeEmbedderAdapter",

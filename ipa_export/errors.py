@@ -81,6 +81,10 @@ class FrozenModuleWarning(UserWarning):
     """``.train()`` on a frozen module (as ``from_pretrained`` returns it): it stays in eval mode."""
 
 
+class CoordinatePrecisionWarning(UserWarning):
+    """Coordinates given in float16 or bfloat16: rounded before the encoder saw them."""
+
+
 class CoordinateScaleWarning(UserWarning):
     """C-alpha coordinates whose spacing does not look like a chain in Angstrom, in sequence order.
 

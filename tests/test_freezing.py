@@ -4,6 +4,7 @@ parent's ``.train()`` (warning once) until ``unfreeze()``; ``freeze()`` goes bac
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,16 @@ def test_unfreeze_then_requires_grad_selects_what_trains(export):
         "ipa_stack.final_norm.weight",
         "ipa_stack.final_norm.bias",
     ]
+
+
+def test_print_says_whether_the_encoder_is_frozen_and_from_pretrained_lists_its_options():
+    import inspect
+
+    from ipa_export import IPAEncoder
+
+    encoder = IPAEncoder.from_pretrained(Path(__file__).parents[1] / "checkpoints" / "bindrae-ipa-tiny")
+    assert str(encoder).splitlines()[:2] == ["IPAEncoder(", "  frozen=True"]
+    assert str(encoder.unfreeze()).splitlines()[1] == "  frozen=False"
+    parameters = inspect.signature(IPAEncoder.from_pretrained).parameters
+    assert {"revision", "device", "dtype", "expected", "trainable", "attention", "compile"} <= parameters.keys()
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_encoder, random_chain, random_rotation
 
-from ipa_export import CoordinateScaleWarning, create_flashipa_module
+from ipa_export import CoordinatePrecisionWarning, CoordinateScaleWarning, create_flashipa_module
 from ipa_export.model.validation import check_rotations, warn_unusual_ca_spacing
 
 B, N = 2, 30
@@ -177,3 +177,20 @@ def test_value_checks_are_skipped_under_torch_func():
     with warnings.catch_warnings():
         warnings.simplefilter("error", CoordinateScaleWarning)
         assert torch.func.vmap(checked)(rotations, ca).shape == (4,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_coordinates_warn_that_they_were_rounded(dtype):
+    # fp16 coordinates move outputs by ~1 (neighbours and distances of rounded positions).
+    node_embed, ca, mask = inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            make_encoder()(node_embed, (ca + 40.0).to(dtype), mask)
+            make_encoder()(node_embed, ca + 40.0, mask)  # float32: no warning
+    found = [str(w.message) for w in caught if issubclass(w.category, CoordinatePrecisionWarning)]
+    name = str(dtype).removeprefix("torch.")
+    assert found == [
+        f"translations: {name} coordinates were rounded before the encoder saw them (it computes geometry in "
+        "float32); pass float32 coordinates, e.g. x.float() before the cast to 16 bits"
+    ]

@@ -37,6 +37,10 @@ class ExportMixin:
     _warned_frozen: bool = False
     _warned_requires_grad: bool = False
 
+    def extra_repr(self) -> str:
+        """``print(model)`` says whether it is frozen."""
+        return f"frozen={self._frozen}"
+
     @property
     def is_frozen(self) -> bool:
         """Whether ``.train()`` is ignored (see :meth:`freeze`)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -120,18 +121,26 @@ class IPAEncoder(ExportMixin, nn.Module):
         cls,
         path_or_repo_id: str | os.PathLike,
         *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        expected: Mapping[str, Any] | None = None,
+        trainable: bool = False,
+        torch_dtype: torch.dtype | str | None = None,
         attention: str | None = None,
         attn_dtype: str | None = None,
         compile: bool = False,
         compile_cache: bool | str | os.PathLike = True,
         trust_compile_cache: bool = False,
-        **kwargs: Any,
     ) -> IPAEncoder | CompiledEncoder:
         """Load a frozen encoder (``eval()``, no gradients) from an export directory or Hub repo id.
 
         Takes the options of :meth:`ExportMixin.from_pretrained
         <ipa_export.export.pretrained.ExportMixin.from_pretrained>` (``revision``, ``cache_dir``,
-        ``local_files_only``, ``token``, ``device``, ``dtype``, ``expected``), and:
+        ``local_files_only``, ``token``, ``device``, ``dtype``, ``expected``, ``trainable``), and:
         ``attention`` and ``attn_dtype`` override the stored attention backend and dtype
         (``attn_dtype="bf16"``: see the README's "Low-precision attention"); ``compile=True`` returns
         :func:`ipa_export.model.compiling.compile_encoder` (fullgraph, dynamic, one graph for all
@@ -142,10 +151,14 @@ class IPAEncoder(ExportMixin, nn.Module):
         runs the code it holds). Nothing inside an export is ever loaded as a compile cache.
         """
         overrides = {name: value for name, value in (("attention", attention), ("attn_dtype", attn_dtype)) if value}
-        encoder = super().from_pretrained(path_or_repo_id, config_overrides=overrides or None, **kwargs)
+        encoder = super().from_pretrained(
+            path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+            device=device, dtype=dtype, expected=expected, config_overrides=overrides or None, trainable=trainable,
+            torch_dtype=torch_dtype,
+        )  # fmt: skip
         if not compile:
             return encoder
-        load_export_compile_cache(encoder.export_directory, kwargs.get("device"), compile_cache, trust_compile_cache)
+        load_export_compile_cache(encoder.export_directory, device, compile_cache, trust_compile_cache)
         return compile_encoder(encoder)
 
     def attention_backend(self, device: torch.device | str | None = None) -> str:

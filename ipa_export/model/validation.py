@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import CoordinateScaleWarning, InputError, InputTypeError, warn_at_caller
+from ..errors import CoordinatePrecisionWarning, CoordinateScaleWarning, InputError, InputTypeError, warn_at_caller
 from ..execution import inspecting_values
 
 
@@ -79,6 +79,24 @@ def check_stack_inputs(
     check_not_empty(valid)
     check_values(valid, **tensors, **{names["s"]: s})  # type: ignore[arg-type]
     check_rotations(valid, rotations, names["rotations"])  # type: ignore[arg-type]
+    warn_16_bit_coordinates(**{k: v for k, v in tensors.items() if k != names["rotations"]})
+
+
+def warn_16_bit_coordinates(**coordinates: torch.Tensor | None) -> None:
+    """Coordinates given in float16/bfloat16 were rounded before the encoder saw them (to ~0.03 /
+    0.25 A at 50 A from the origin: neighbours and distances move): a CoordinatePrecisionWarning.
+    Eager mode only, as the other checks."""
+    if not inspecting_values():
+        return
+    for name, x in coordinates.items():
+        if x is not None and x.dtype in (torch.float16, torch.bfloat16):
+            warn_at_caller(
+                CoordinatePrecisionWarning(
+                    f"{name}: {str(x.dtype).removeprefix('torch.')} coordinates were rounded before the encoder "
+                    "saw them (it computes geometry in float32); pass float32 coordinates, e.g. x.float() before "
+                    "the cast to 16 bits"
+                )
+            )
 
 
 def check_structure_inputs(
