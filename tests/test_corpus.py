@@ -433,3 +433,19 @@ def test_dtype_names_and_attention_dtype_are_embed_options(tmp_path, capsys):
     assert recorded["dtype"] == "bfloat16" and recorded["config"]["attn_dtype"] == "bf16"
     (record,) = load_embeddings(out)
     assert record["s"].dtype == torch.float32 and torch.isfinite(record["s"]).all()
+
+
+def test_an_id_clash_says_the_fix_that_works(tmp_path, capsys):
+    # Two files with one stem need a rename (ids are <stem>_<chain>, a manifest cannot change them);
+    # one file given twice is listed once.
+    shutil.copy(STRUCTURES / "2xcjA.cif", tmp_path)
+    shutil.copy(STRUCTURES / "2xcjA.pdb.gz", tmp_path)
+    code, _, err = run(capsys, "embed", SHIPPED, tmp_path, "--out", tmp_path / "o")
+    assert code == 2 and err.rstrip().endswith(
+        f"2xcjA: {tmp_path / '2xcjA.cif'}, {tmp_path / '2xcjA.pdb.gz'} (rename one)."
+    )
+    cif = tmp_path / "2xcjA.cif"
+    code, _, err = run(capsys, "embed", SHIPPED, cif, cif, "--out", tmp_path / "o")
+    assert code == 2 and err.rstrip().endswith(
+        f"2xcjA: {cif}, {cif} (list the file once, or once per chain with a manifest chain column)."
+    )

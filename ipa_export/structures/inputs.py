@@ -174,7 +174,7 @@ def _final_id_clashes(by_stem: Mapping[str, Sequence[Source]]) -> list[str]:
         for chain in [b.chain for b in chains.backbones] + [f.chain for f in chains.failures]:
             where = f"chain {chain}" if chain else "no chain id"
             given[record_id(source.stem, chain)].append(f"{source.given} ({where})")
-    return [f"{rid}: " + ", ".join(names) for rid, names in given.items() if len(names) > 1]
+    return [f"{rid}: " + ", ".join(names) + " (rename one)" for rid, names in given.items() if len(names) > 1]
 
 
 def _check_unique(sources: Sequence[Source]) -> None:
@@ -192,7 +192,9 @@ def _check_unique(sources: Sequence[Source]) -> None:
         chains = [s.chain for s in group]
         same_file = len({s.path.resolve() if isinstance(s.path, Path) else s.path for s in group}) == 1
         if not (same_file and None not in chains and len(set(chains)) == len(chains)):
-            clashes.append(f"{stem}: " + ", ".join(s.given + (f" (chain {s.chain})" if s.chain else "") for s in group))
+            fix = "list the file once, or once per chain with a manifest chain column" if same_file else "rename one"
+            listed = ", ".join(s.given + (f" (chain {s.chain})" if s.chain else "") for s in group)
+            clashes.append(f"{stem}: {listed} ({fix})")
     if not clashes:
         clashes = _final_id_clashes(by_stem)
     if clashes:
@@ -200,5 +202,5 @@ def _check_unique(sources: Sequence[Source]) -> None:
             f"inputs: record ids (<file stem>_<chain>) would not be unique; {len(clashes)} clash(es): "
             + "; ".join(clashes[:20])
             + (" ..." if len(clashes) > 20 else "")
-            + ". Rename the files or list one chain per line in a --manifest."
+            + "."
         )
