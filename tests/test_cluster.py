@@ -24,8 +24,9 @@ fsspec = pytest.importorskip("fsspec")
 import pyarrow.parquet as pq  # noqa: E402
 
 from ipa_export import load_embeddings  # noqa: E402
-from ipa_export.structures.corpus import _run_local, embed_corpus  # noqa: E402
+from ipa_export.structures.corpus import embed_corpus  # noqa: E402
 from ipa_export.structures.inputs import collect_sources  # noqa: E402
+from ipa_export.structures.local_engine import run_local  # noqa: E402
 from ipa_export.structures.pipeline import Batching  # noqa: E402
 from ipa_export.structures.ray_engine import Partition, RayJob, _to_run, embed_partition, partitions  # noqa: E402
 from ipa_export.structures.storage import Location  # noqa: E402
@@ -72,7 +73,7 @@ def job_for(local_run: Path, out: str) -> RayJob:
     """The job of a Ray run with the local run's export, schema (with its run identity) and budget."""
     schema = pq.read_schema(next(local_run.glob("part-*.parquet")))
     load = (("device", None), ("dtype", None), ("attention", None), ("compile", False))
-    return RayJob(str(SHIPPED.resolve()), load, None, out, schema, Batching(8192, 64), _run_local)
+    return RayJob(str(SHIPPED.resolve()), load, None, out, schema, Batching(8192, 64), run_local)
 
 
 def test_each_partition_task_writes_its_own_shard_and_a_retry_rewrites_it(tmp_path):
@@ -164,8 +165,8 @@ def test_object_store_out_needs_ray_workers(capsys):
 
 
 def test_object_store_out_is_checked_and_resumed_like_a_directory(tmp_path):
-    from ipa_export.structures.corpus import _IDENTITY_KEYS
     from ipa_export.structures.ray_engine import RemoteOut
+    from ipa_export.structures.run_state import IDENTITY_KEYS
 
     memory = fsspec.filesystem("memory")
     local, tree = tmp_path / "local", small_corpus(tmp_path / "corpus")
@@ -176,7 +177,7 @@ def test_object_store_out_is_checked_and_resumed_like_a_directory(tmp_path):
     memory.put_file(str(shard), "/out/part-00000.parquet")
     memory.pipe_file("/out/_manifest.json", b"{}")
     remote = RemoteOut(Location("memory://out", "--out"))
-    done = remote.prepare(identity, _IDENTITY_KEYS, False, sources)  # resume
+    done = remote.prepare(identity, IDENTITY_KEYS, False, sources)  # resume
     assert done == {rid: row["source"] for rid, row in records(local).items()}
     run = json.loads(memory.cat_file("/out/_run.json"))
     assert {k: run[k] for k in identity} == identity and not memory.exists("/out/_manifest.json")
@@ -187,16 +188,16 @@ def test_object_store_out_is_checked_and_resumed_like_a_directory(tmp_path):
 
     shutil.copy(STRUCTURES / "3a4rA.pdb.gz", tree / "c0_1ahsA.pdb.gz")  # an input changed since
     with pytest.raises(FileExistsError, match=r"1 input\(s\) changed since they were embedded .*c0_1ahsA.pdb.gz"):
-        remote.prepare(identity, _IDENTITY_KEYS, False, sources)
+        remote.prepare(identity, IDENTITY_KEYS, False, sources)
     other = {**identity, "dtype": "float64"}
     with pytest.raises(FileExistsError, match="memory://out holds embeddings of another run .different dtype."):
-        remote.prepare(other, _IDENTITY_KEYS, False, sources)
-    assert remote.prepare(other, _IDENTITY_KEYS, True, sources) == {}
+        remote.prepare(other, IDENTITY_KEYS, False, sources)
+    assert remote.prepare(other, IDENTITY_KEYS, True, sources) == {}
     assert sorted(memory.ls("/out", detail=False)) == ["/out/_run.json"]  # the old run's files removed
 
     memory.pipe_file("/out/part-00001.parquet", (local / "_run.json").read_bytes())  # not ours
     with pytest.raises(FileExistsError, match="files this package did not write .part-00001.parquet."):
-        remote.prepare(identity, _IDENTITY_KEYS, True, sources)
+        remote.prepare(identity, IDENTITY_KEYS, True, sources)
     assert memory.exists("/out/part-00001.parquet")
     memory.rm("/", recursive=True)
 

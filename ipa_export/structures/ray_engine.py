@@ -270,7 +270,7 @@ def worker_sources(sources: Sequence[Source]) -> list[Source]:
 
 class RemoteOut:
     """``--out`` on an object store: the workers put the shards there; the driver checks and
-    resumes it as :func:`~.corpus.prepare_output` does a local directory, keeps ``_errors.jsonl``
+    resumes it as :func:`~.run_state.prepare_output` does a local directory, keeps ``_errors.jsonl``
     and ``_manifest.json`` in a local ``staging`` directory and puts them there at the end,
     the manifest last. (No lock: object stores have none; run one embed per ``--out``.)"""
 
