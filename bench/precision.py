@@ -9,8 +9,8 @@ encoder output ``s`` for chains centred at increasing offsets from the origin ag
 reference run of the same weights: in fp32 with the centring (as shipped) and without it
 (``masked_mean`` monkeypatched to return zeros), and with bf16 / fp16 attention (``attn_dtype``) in three variants:
 
-- ``anchored`` (as shipped): blocks of ``low_precision.BLOCK`` queries, compensated point terms and
-  value anchors every ``low_precision.SUB`` residues;
+- ``anchored`` (as shipped): blocks of ``low_precision.QUERY_BLOCK`` queries, compensated point terms and
+  value anchors every ``low_precision.ANCHOR_SPAN`` residues;
 - ``compensated``: one block and one anchor (the centroid), compensated point terms (as 0.2.0);
 - ``plain``: one block and one anchor, the point terms rounded once.
 
@@ -67,8 +67,8 @@ def no_centring():
 def one_block(compensated: bool):
     """The low-precision path of ipa_export 0.2.0: one block of queries and one value anchor (the
     protein's centroid), with the point terms compensated or (``compensated=False``) rounded once."""
-    saved = low_precision.BLOCK, low_precision.SUB, low_precision.point_terms
-    low_precision.BLOCK = low_precision.SUB = 1 << 30
+    saved = low_precision.QUERY_BLOCK, low_precision.ANCHOR_SPAN, low_precision.point_terms
+    low_precision.QUERY_BLOCK = low_precision.ANCHOR_SPAN = 1 << 30
     if not compensated:
         low_precision.point_terms = lambda q, k, norms, dtype: tuple(
             [x.to(dtype) for x in terms] for terms in saved[2](q, k, norms, torch.float32)
@@ -76,7 +76,7 @@ def one_block(compensated: bool):
     try:
         yield
     finally:
-        low_precision.BLOCK, low_precision.SUB, low_precision.point_terms = saved
+        low_precision.QUERY_BLOCK, low_precision.ANCHOR_SPAN, low_precision.point_terms = saved
 
 
 @contextlib.contextmanager
@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         "Columns: 'fp32' / 'bf16' / 'fp16' = attn_dtype (q, k, v of the attention in that dtype, the rest",
         "fp32); 'centred' = as shipped (points relative to the protein's centroid); 'uncentred' =",
         "ipa_export.model.frames.masked_mean monkeypatched to zeros; 'anchored' = as shipped (blocks of",
-        f"{low_precision.BLOCK} queries, compensated point terms, value anchors every {low_precision.SUB} residues);",
+        f"{low_precision.QUERY_BLOCK} queries, compensated point terms, value anchors every "
+        f"{low_precision.ANCHOR_SPAN} residues);",
         "'compensated' = one block, one anchor, compensated point terms (0.2.0); 'plain' = one block, one",
         "anchor, point terms rounded once. 'fp64 uncentred' = the reference without centring minus the",
         "reference (a check: the offset is harmless in exact arithmetic).",

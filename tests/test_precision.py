@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ipa_export import EncoderConfig, IPAEncoder
 from ipa_export.model.frames import from_backbone
-from ipa_export.model.low_precision import BLOCK
+from ipa_export.model.low_precision import QUERY_BLOCK
 
 gemmi = pytest.importorskip("gemmi")
 from ipa_export.structures.reader import read_backbone  # noqa: E402
@@ -98,7 +98,7 @@ def test_autocast_does_not_override_the_attention_dtype(encoders):
         fp32_calls, seen[:] = seen[:], []
         encoders["bf16"](*inputs)
     assert fp32_calls == [torch.float32] * 3  # one call per IPA layer
-    assert seen == [torch.bfloat16] * 3 * -(-n // BLOCK)  # one call per block of queries on the CPU
+    assert seen == [torch.bfloat16] * 3 * -(-n // QUERY_BLOCK)  # one call per block of queries on the CPU
 
 
 @pytest.mark.parametrize(
@@ -111,14 +111,14 @@ def test_anchored_attention_is_exact_in_exact_arithmetic(monkeypatch, group_keys
     kernel call (the CPU default), two (300 keys: groups of 2 and 1) and all (as on CUDA); and
     CUDA's layout (head sizes a multiple of 8, at most 256: here the values go in two chunks)."""
     from ipa_export.model import low_precision
-    from ipa_export.model.low_precision import SUB, anchored_attention
+    from ipa_export.model.low_precision import ANCHOR_SPAN, anchored_attention
 
     monkeypatch.setitem(low_precision.GROUP_KEYS, "cpu", group_keys)
     if cuda_layout:
         monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
 
     g = torch.Generator().manual_seed(0)
-    batch, length, heads, points, v_points = 2, 2 * BLOCK + 5, 3, 4, 5
+    batch, length, heads, points, v_points = 2, 2 * QUERY_BLOCK + 5, 3, 4, 5
 
     def randn(*shape, scale=1.0):
         return scale * torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -134,7 +134,7 @@ def test_anchored_attention_is_exact_in_exact_arithmetic(monkeypatch, group_keys
     )
     weight = torch.rand(heads, 1, generator=g, dtype=torch.float64) + 0.05
     mask = torch.ones(batch, length, dtype=torch.bool)
-    mask[1, length - SUB - 3 :] = False
+    mask[1, length - ANCHOR_SPAN - 3 :] = False
     mask[1, 3] = False  # a hole inside a sub-block
 
     o_scalar, o_points = anchored_attention(
@@ -203,7 +203,7 @@ def test_anchored_attention_custom_op_passes_opcheck():
     from ipa_export.model.low_precision import _anchored_op
 
     g = torch.Generator().manual_seed(0)
-    batch, length, heads = 2, BLOCK + 3, 2
+    batch, length, heads = 2, QUERY_BLOCK + 3, 2
     translations = torch.cumsum(torch.randn(batch, length, 3, generator=g) * 2.2, dim=1)
 
     def rand(*shape):

@@ -157,9 +157,10 @@ class _TwiceDifferentiableSdpa(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
             inputs = [(q, k, v)[i] for i in wanted]
             # in fp32, as the fused kernels accumulate (bf16 logits would lose the point terms)
-            logits = (q.float() @ k.float().transpose(-1, -2)).masked_fill(~mask, float("-inf"))
-            out = torch.softmax(logits, dim=-1) @ v.float()
-            grads = torch.autograd.grad(out, inputs, grad.float(), create_graph=True, allow_unused=True)
+            wide = torch.promote_types(q.dtype, torch.float32)  # fp32, fp64 for fp64 inputs
+            logits = (q.to(wide) @ k.to(wide).transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+            out = torch.softmax(logits, dim=-1) @ v.to(wide)
+            grads = torch.autograd.grad(out, inputs, grad.to(wide), create_graph=True, allow_unused=True)
         else:
             with torch.enable_grad():
                 inputs = [(q, k, v)[i].detach().requires_grad_() for i in wanted]

@@ -10,7 +10,7 @@ Rounding q, k, v to 8 (bf16) or 11 (fp16) bits loses IPA's point terms in two pl
 
 Three remedies, each exact in exact arithmetic:
 
-- Blocks. Queries are attended ``BLOCK`` residues at a time. Within a block, every point is taken
+- Blocks. Queries are attended ``QUERY_BLOCK`` residues at a time. Within a block, every point is taken
   relative to the block's anchor (the mean position of its residues). The logits are unchanged:
   ``-w/2 |q^ - k^|^2`` does not depend on the origin.
 - Compensation (:func:`point_terms`). Each point coordinate and norm term is split into a high
@@ -23,10 +23,10 @@ Three remedies, each exact in exact arithmetic:
   so ``q.k`` carries the point terms to ~16 (bf16) or ~22 (fp16) bits. The kernels accumulate
   the products in fp32.
 - Value anchors. A value point ``x_j = t_j + R_j v_j`` enters the values as ``R_j v_j`` (small)
-  and as ``t_j - c_m`` for each ``SUB``-residue sub-block m of the query block (its anchor
+  and as ``t_j - c_m`` for each ``ANCHOR_SPAN``-residue sub-block m of the query block (its anchor
   ``c_m``): 3 channels per sub-block. Each query reads the channels of its own sub-block, and
   attention weights sum to one, so its output is ``sum_j a_ij x_j - c_m``, relative to an anchor
-  at most ``SUB`` residues away. Keys and anchors are rounded to a common grid (a power of two,
+  at most ``ANCHOR_SPAN`` residues away. Keys and anchors are rounded to a common grid (a power of two,
   :func:`_grid_step`) so that ``t_j - c_m`` is exact in the attention dtype; the remainders (at
   most half a step, the same for every sub-block) take 3 more channels.
 
@@ -35,7 +35,7 @@ ipa.py). What is left is mostly the kernels' own rounding of their outputs (and 
 weights) to the attention dtype, which no change of the inputs removes
 (``bench/results/precision.txt``).
 
-With ``BLOCK = 64`` and ``SUB = 2`` a block adds 99 value channels (32 sub-blocks); on CUDA a
+With ``QUERY_BLOCK = 64`` and ``ANCHOR_SPAN = 2`` a block adds 99 value channels (32 sub-blocks); on CUDA a
 value head past the kernels' 256 channels is attended in two chunks (:func:`.attention.attend`).
 Each block needs its own keys and values: on the CPU one block is attended per kernel call,
 reusing one k/v buffer; on CUDA blocks go in groups, as extra batch entries (:data:`GROUP_KEYS`),
@@ -55,8 +55,8 @@ from ..execution import transforms_active
 from .attention import attend, concat_padded, head_limited, head_sizes, padded_value_width
 from .frames import masked_mean
 
-BLOCK = 64  #: queries per block (one anchor, its own keys and values)
-SUB = 2  #: residues per value anchor
+QUERY_BLOCK = 64  #: queries per block (one anchor, its own keys and values)
+ANCHOR_SPAN = 2  #: residues per value anchor
 #: per device type, blocks are attended in one kernel call while blocks x batch x N stays below
 #: this; elsewhere one block a call (on the CPU fewer copies beat fewer calls, on CUDA the reverse)
 GROUP_KEYS = {"cuda": 1 << 15}
@@ -141,7 +141,7 @@ def anchored_attention(
     dtype: torch.dtype,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """IPA attention in ``dtype`` (bf16/fp16), in blocks of :data:`BLOCK` queries (module docstring).
+    """IPA attention in ``dtype`` (bf16/fp16), in blocks of :data:`QUERY_BLOCK` queries (module docstring).
 
     q_scalar, k_scalar [B, N, H, E]: the non-point channels of q_aug and k_aug; q_points,
     k_points [B, N, H, P_qk, 3] (Angstrom, global); weight [H, 1] the point weights w_h;
@@ -160,8 +160,8 @@ def anchored_attention(
     batch, length = q_scalar.shape[:2]
     limited = head_limited(backend, q_scalar.device)
     v_fixed = torch.cat([v_scalar, v_offsets.flatten(-2)], dim=-1).to(dtype)
-    sub = min(SUB, length)
-    size = min(BLOCK, -(-length // sub) * sub)  # queries per block, a multiple of sub
+    sub = min(ANCHOR_SPAN, length)
+    size = min(QUERY_BLOCK, -(-length // sub) * sub)  # queries per block, a multiple of sub
     blocks, sub_count = -(-length // size), size // sub
     padded = blocks * size - length  # queries past the end, in the last block
 
@@ -227,7 +227,7 @@ def anchored_attention(
     run = attend_blocks
     if recording and not transforms_active():
         # Recompute each group in the backward: its own keys and values would otherwise all be
-        # kept for it, O(N^2 / BLOCK) memory.
+        # kept for it, O(N^2 / QUERY_BLOCK) memory.
         run = functools.partial(checkpoint, attend_blocks, use_reentrant=False)
     outputs = [run(start, min(start + group, blocks)) for start in range(0, blocks, group)]
     return tuple(torch.cat(parts, dim=1)[:, :length].contiguous() for parts in zip(*outputs, strict=True))

@@ -30,7 +30,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-BLOCK = re.compile(r"ipa_stack\.ipa_blocks\.(\d+)\.")
+IPA_BLOCK_KEY = re.compile(r"ipa_stack\.ipa_blocks\.(\d+)\.")
 IPA = "ipa_stack.ipa_blocks.0.ipa."
 EDGE = "edge_embedder."
 COMPRESSOR = EDGE + "factorizer.length_compressor.weight"
@@ -94,7 +94,7 @@ class _Reader:
         return size // divisor
 
     def stack_fields(self) -> dict[str, Any]:
-        blocks = sorted({int(m.group(1)) for k in self.shapes if (m := BLOCK.match(k))})
+        blocks = sorted({int(m.group(1)) for k in self.shapes if (m := IPA_BLOCK_KEY.match(k))})
         if blocks != list(range(len(blocks))):
             self.problems.append(
                 f"tensor {self.name('ipa_stack.ipa_blocks')}: block numbers {blocks[:8]} are not 0, 1, 2, ..."
