@@ -402,6 +402,11 @@ def test_a_run_that_failed_before_any_shard_does_not_block_the_corrected_rerun(t
     out = tmp_path / "out"
     code, _, err = run(capsys, "embed", SHIPPED, STRUCTURES / "1ahsA.pdb.gz", "--out", out, "--attention", "flash_attn")
     assert code == 2 and "--attention flash_attn needs flash-attn installed" in err
+    assert not out.exists()  # no _run.json, no lock: the run created the directory and removed it again
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # a user's directory: the failed run leaves it as it was
+    assert run(capsys, "embed", SHIPPED, STRUCTURES / "1ahsA.pdb.gz", "--out", out, "--attention", "flash_attn")[0] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     code, _, err = run(capsys, "embed", SHIPPED, STRUCTURES / "1ahsA.pdb.gz", "--out", out)
     assert code == 0, err
     assert [r["id"] for r in load_embeddings(out)] == ["1ahsA_A"]

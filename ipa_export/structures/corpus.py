@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..export.files import remove_files
 from .inputs import collect_sources
 from .local_engine import run_local
 from .node_embed import open_node_embed
@@ -38,6 +39,8 @@ from .pipeline import (
 )
 from .run_state import IDENTITY_KEYS, output_lock, prepare_output, run_identity, shard_rows, write_manifest
 from .shards import (
+    ERRORS_FILE,
+    RUN_FILE,
     TENSOR_COLUMNS,
     arrow_schema,
     shard_paths,
@@ -129,17 +132,23 @@ def embed_corpus(
         else:
             done, first_index = remote.prepare(identity, IDENTITY_KEYS, overwrite, sources), 0
         summary = EmbedSummary(out=out if remote is None else where.url, inputs=len(sources), skipped=len(done))
-        with RunOutput(out, schema, shard_size, first_index, summary, fail_fast, done) as output:
-            if engine == "ray":
-                from .ray_engine import PARTITION_FILES, RayJob, for_workers, run_ray, worker_sources
+        try:
+            with RunOutput(out, schema, shard_size, first_index, summary, fail_fast, done) as output:
+                if engine == "ray":
+                    from .ray_engine import PARTITION_FILES, RayJob, for_workers, run_ray, worker_sources
 
-                del encoder
-                embeds = None if node_embed is None else for_workers(node_embed, "node_embed")
-                job = RayJob(for_workers(export, "export"), tuple(load.items()), embeds,
-                             for_workers(where.url, "out"), schema, batching, run_local)  # fmt: skip
-                run_ray(job, worker_sources(sources), done, output, ray_address, min(shard_size, PARTITION_FILES))
-            else:
-                run_local(encoder, sources, done, output, node_source, batching, progress)
+                    del encoder
+                    embeds = None if node_embed is None else for_workers(node_embed, "node_embed")
+                    job = RayJob(for_workers(export, "export"), tuple(load.items()), embeds,
+                                 for_workers(where.url, "out"), schema, batching, run_local)  # fmt: skip
+                    run_ray(job, worker_sources(sources), done, output, ray_address, min(shard_size, PARTITION_FILES))
+                else:
+                    run_local(encoder, sources, done, output, node_source, batching, progress)
+        except BaseException:
+            if remote is None and not shard_paths(out):  # nothing embedded: leave no state behind
+                errors = out / ERRORS_FILE
+                remove_files([out / RUN_FILE, *([errors] if errors.is_file() and not errors.stat().st_size else [])])
+            raise
         summary.shards = {p.name: shard_rows(p) for p in shard_paths(out)} if remote is None else remote.shards()
         summary.seconds = time.perf_counter() - started
         write_manifest(out, identity, sources, summary)
