@@ -9,7 +9,6 @@ export is reloaded and compared with the source modules on a random protein.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import math
 import os
 import pickle
@@ -23,6 +22,7 @@ from safetensors import safe_open
 
 from ..config import EncoderConfig
 from ..errors import CheckFailedError, ConfigCompatibilityError, InputError
+from ..export.files import sha256_of
 from ..export.format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -153,7 +153,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         shown = problems[:5] + ([f"... and {len(problems) - 5} more tensor(s)"] if len(problems) > 5 else [])
         raise ConfigCompatibilityError(shown, context=f"checkpoint {path}")
     flash_ipa_layout = flash_ipa_keys.is_flash_ipa_checkpoint(modules)
-    return Checkpoint(modules, config, hashlib.sha256(path.read_bytes()).hexdigest(), path, flash_ipa_layout)
+    with open(path, "rb") as f:
+        sha256, _ = sha256_of(f)
+    return Checkpoint(modules, config, sha256, path, flash_ipa_layout)
 
 
 def _read_export(directory: Path, given: Path | None = None) -> Checkpoint:
@@ -170,7 +172,8 @@ def _read_export(directory: Path, given: Path | None = None) -> Checkpoint:
         )
     header = read_header(directory, IPAEncoder)
     weights = read_weights(header)
-    sha256 = hashlib.sha256((directory / WEIGHTS_NAME).read_bytes()).hexdigest()
+    with open(directory / WEIGHTS_NAME, "rb") as f:
+        sha256, _ = sha256_of(f)
     return Checkpoint(weights, header.config.to_dict(), sha256, directory, export=True)
 
 

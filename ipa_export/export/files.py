@@ -15,10 +15,14 @@ are kept.
 Nothing is removed unless its name is this module's and it holds only names the caller
 owns. A target that exists must be an empty directory, or a directory the caller owns
 (``marker`` present and nothing but ``owned`` names) and ``overwrite=True``.
+
+:func:`sha256_of` is the one streamed SHA-256 of a file's bytes (run identities, input
+fingerprints, a converted checkpoint's provenance).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -27,6 +31,7 @@ import shutil
 from collections.abc import Collection, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import InputError
 
@@ -289,3 +294,13 @@ def _locked(path: Path, *, blocking: bool = True) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def sha256_of(f: BinaryIO) -> tuple[str, int]:
+    """``(hex SHA-256, size in bytes)`` of what the binary file ``f`` holds from its position,
+    read in 1 MB blocks (a file of any size in bounded memory)."""
+    digest, size = hashlib.sha256(), 0
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+        size += len(block)
+    return digest.hexdigest(), size

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..export.files import atomic_file, remove_files
+from ..export.files import atomic_file, remove_files, sha256_of
 from .inputs import Source
 from .shards import (
     ERRORS_FILE,
@@ -115,19 +115,14 @@ class Fingerprint:
 def fingerprint(path: Path | str, given: str) -> Fingerprint:
     """Size, mtime and streamed SHA-256 (1 MB blocks) of ``path`` (a file-system URL: size and
     SHA-256 of the bytes read through it, mtime 0)."""
-    digest = hashlib.sha256()
     if not isinstance(path, Path):
-        size = 0
         with Location(path, "inputs").open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-                size += len(block)
-        return Fingerprint(given, path, size, 0, digest.hexdigest())
+            digest, size = sha256_of(f)
+        return Fingerprint(given, path, size, 0, digest)
     with open(path, "rb") as f:
         stat = os.fstat(f.fileno())
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return Fingerprint(given, str(path.resolve()), stat.st_size, stat.st_mtime_ns, digest.hexdigest())
+        digest, _ = sha256_of(f)
+    return Fingerprint(given, str(path.resolve()), stat.st_size, stat.st_mtime_ns, digest)
 
 
 def changed_inputs(recorded: Mapping[str, Mapping[str, Any]], current: Iterable[Fingerprint]) -> list[str]:
@@ -140,16 +135,14 @@ def run_identity(
     export: str | os.PathLike, encoder: Any, outputs: Sequence[str], node_embed: str | os.PathLike | None
 ) -> dict[str, Any]:
     """What the values of a run depend on; a resumed run must match (``IDENTITY_KEYS``)."""
-    weights = hashlib.sha256()
     with open(Path(encoder.export_directory) / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            weights.update(block)
+        weights, _ = sha256_of(f)
     config = json.dumps(encoder.config.to_dict(), sort_keys=True)
     return {
         "format": "ipa_export.embeddings",
         "format_version": 1,
         "export": str(export),
-        "weights_sha256": weights.hexdigest(),
+        "weights_sha256": weights,
         "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
         "config": encoder.config.to_dict(),  # to name the fields that differ from another run's
         "dtype": str(next(encoder.parameters()).dtype).removeprefix("torch."),
