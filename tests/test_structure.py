@@ -225,3 +225,21 @@ def test_missing_gemmi_gives_install_hint(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "gemmi", None)
     with pytest.raises(ImportError, match=re.escape("pip install 'ipa-export[structure]'")):
         read_backbone(DATA / "1ahsA.pdb.gz")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{ not json }\n", r"odd.pdb: not a PDB/mmCIF file \(no ATOM/HETATM records found\)"),
+        ("data_x\n_cell.length_a 1\n", r"odd.pdb: Incorrect file format \(perhaps it is cif not pdb\?\)"),
+    ],
+)
+def test_the_format_follows_the_file_name_not_a_guess_from_the_content(tmp_path, text, message) -> None:
+    # A .pdb file is read as PDB whatever its first bytes look like: mmJSON's '{' is no JSON
+    # error (a file of random bytes was one in 1 of 256), mmCIF's 'data_' gets the PDB reader's hint.
+    from ipa_export.structures.reader import read_chains
+
+    path = tmp_path / "odd.pdb"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_chains(path)

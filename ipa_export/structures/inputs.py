@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .reader import read_chains, structure_stem
+from .reader import STRUCTURE_FORMATS, read_chains, structure_stem
 from .storage import Location, is_url, local_copy
 
 __all__ = ["STRUCTURE_SUFFIXES", "Source", "collect_sources", "record_id"]
 
-STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")  #: each optionally followed by .gz
+STRUCTURE_SUFFIXES = tuple(STRUCTURE_FORMATS)  #: each optionally followed by .gz
 MAX_MANIFEST_BYTES = 1 << 30  #: a manifest is a list of paths; anything bigger is a mistake
 
 

@@ -24,6 +24,7 @@ from ..errors import InputError, MissingDependencyError
 from .options import DEFAULT_MAX_STRUCTURE_BYTES
 
 __all__ = [
+    "STRUCTURE_FORMATS",
     "DEFAULT_MAX_STRUCTURE_BYTES",
     "RESIDUE_TYPES",
     "Backbone",
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: structure file suffixes (each optionally followed by ``.gz``) -> gemmi's coordinate format
+STRUCTURE_FORMATS = {".pdb": "Pdb", ".ent": "Pdb", ".cif": "Mmcif", ".mmcif": "Mmcif"}
 
 RESIDUE_TYPES: str = "ARNDCQEGHILKMFPSTWYV"  # index 0..19; 20 = unknown ("X")
 #: Largest structure text read (bytes, after gzip decompression): a bigger file is refused
@@ -218,10 +222,18 @@ class StructureChains:
 def structure_stem(path: str | os.PathLike) -> str:
     """File name without ``.gz`` and the format suffix: ``data/1abc.cif.gz`` -> ``1abc``."""
     name = Path(path).name.removesuffix(".gz")
-    for suffix in (".pdb", ".ent", ".cif", ".mmcif"):
+    for suffix in STRUCTURE_FORMATS:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def _coor_format(gemmi: Any, path: Path) -> Any:
+    """gemmi's format for ``path`` by its name (as ``gemmi.read_structure(path)`` decides), so a
+    file's first bytes never switch the parser; an unknown suffix lets gemmi look at the content."""
+    name = path.name.lower().removesuffix(".gz")
+    found = next((fmt for suffix, fmt in STRUCTURE_FORMATS.items() if name.endswith(suffix)), "Unknown")
+    return getattr(gemmi.CoorFormat, found)
 
 
 def read_chains(
@@ -253,9 +265,9 @@ def read_chains(
         raise InputError(f"{path}: empty file, expected a PDB or mmCIF structure")
     data = _structure_bytes(path, max_bytes)
     try:
-        structure = gemmi.read_structure_string(data)
+        structure = gemmi.read_structure_string(data, format=_coor_format(gemmi, path))
         if (merged := _merged_residues(structure)) and structure.input_format == gemmi.CoorFormat.Pdb:
-            structure = gemmi.read_structure_string(_separate_repeats(data))
+            structure = gemmi.read_structure_string(_separate_repeats(data), format=gemmi.CoorFormat.Pdb)
             merged = _merged_residues(structure)
     except Exception as err:  # gemmi raises RuntimeError/ValueError for malformed input
         raise InputError(f"cannot parse structure file {path}: {err}") from err
